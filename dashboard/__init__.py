@@ -1,0 +1,1 @@
+"""The Streamlit dashboard: the Dynamics tab and the verdict on the three questions."""

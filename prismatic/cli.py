@@ -1,0 +1,232 @@
+"""The `prismatic` command: train, collect, dashboard, up, keys.
+
+Bad flags and config errors print one line naming the key, the value and what is accepted,
+and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from prismatic.config import DEFAULT_COLLECTOR, DEFAULT_RUNS_DIR
+from prismatic.errors import PrismaticError
+
+log = logging.getLogger("prismatic")
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        sys.stderr.write(f"prismatic: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not accepted; expected a whole number"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not accepted; expected 1 or more")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not accepted; expected 1..65535")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="prismatic", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train one model and publish its gradient dynamics")
+    train.add_argument("config", help="YAML config, e.g. configs/default.yaml")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted config key, e.g. --set train.steps=200",
+    )
+    train.add_argument(
+        "--collector", help=f"collector address (default: the config's, {DEFAULT_COLLECTOR})"
+    )
+    train.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
+    train.add_argument(
+        "--resume", action="store_true", help="continue this run from its last checkpoint"
+    )
+
+    collect = sub.add_parser("collect", help="receive dynamics and write dynamics.db per run")
+    collect.add_argument("--bind", default=DEFAULT_COLLECTOR)
+    collect.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
+    collect.add_argument("--stale-after", type=float, default=120.0, metavar="SECONDS")
+    collect.add_argument("--rank-timeout", type=float, default=30.0, metavar="SECONDS")
+    collect.add_argument(
+        "--allow-remote", action="store_true", help="allow binding to a non-loopback address"
+    )
+    collect.add_argument("--curve-dir", help="folder made by `prismatic keys`: turn on CURVE")
+    collect.add_argument(
+        "--replay",
+        metavar="RUN_DIR",
+        nargs="+",
+        help="ingest these run folders' spool files, then exit",
+    )
+
+    dash = sub.add_parser("dashboard", help="serve the Streamlit dashboard")
+    dash.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
+    dash.add_argument("--port", type=_port, default=8501)
+    dash.add_argument("--address", default="127.0.0.1")
+    dash.add_argument(
+        "--allow-remote", action="store_true", help="allow serving on a non-loopback address"
+    )
+
+    up = sub.add_parser("up", help="collector + trainers + dashboard as local processes")
+    up.add_argument(
+        "configs", nargs="*", help="configs to train (default: the baseline and a scale-0 control)"
+    )
+    up.add_argument("--steps", type=_positive_int, help="override train.steps for every run")
+    up.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
+    up.add_argument("--port", type=_port, default=8501)
+    up.add_argument("--collector-port", type=_port, default=5557)
+    up.add_argument("--no-dashboard", action="store_true")
+    up.add_argument(
+        "--keep-dashboard",
+        action="store_true",
+        help="keep serving the dashboard after the trainers finish (Ctrl-C to stop)",
+    )
+    up.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted config key in every run",
+    )
+
+    keys = sub.add_parser("keys", help="generate CURVE key files for the collector and trainers")
+    keys.add_argument("directory")
+    keys.add_argument("--clients", nargs="+", default=["trainer"])
+    return parser
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from prismatic.config import load_config
+    from trainer.loop import train
+
+    cfg = load_config(args.config, args.set)
+    status = train(cfg, Path(args.runs_dir), args.collector, resume=args.resume)
+    return 0 if status == "completed" else 1
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from collector.service import Collector
+    from prismatic.errors import ConfigError
+
+    if args.replay:
+        from collector.replay import replay_dirs
+
+        replay_dirs([Path(p) for p in args.replay], Path(args.runs_dir))
+        return 0
+    if args.bind.startswith("tcp://") and not _is_loopback(args.bind) and not args.allow_remote:
+        raise ConfigError(
+            f"--bind: {args.bind!r} is not loopback; add --allow-remote to expose "
+            "the collector (and see --curve-dir to require keys)"
+        )
+    curve = None
+    if args.curve_dir:
+        from collector.curve import ServerCurve
+
+        curve = ServerCurve.from_dir(Path(args.curve_dir))
+    collector = Collector(
+        args.bind,
+        Path(args.runs_dir),
+        rank_timeout_s=args.rank_timeout,
+        stale_after_s=args.stale_after,
+        curve=curve,
+    )
+    _stop_on_signals(collector.stop)
+    collector.run()
+    return 0
+
+
+def _stop_on_signals(stop) -> None:
+    """First SIGTERM/SIGINT: stop cleanly (flush, commit). A second one: exit at once."""
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            os._exit(128 + signum)
+        received.append(signum)
+        log.info("collector: %s received; flushing and stopping", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from dashboard.serve import serve
+    from prismatic.errors import ConfigError
+
+    if not _is_loopback(args.address) and not args.allow_remote:
+        raise ConfigError(f"--address: {args.address!r} is not loopback; add --allow-remote")
+    return serve(Path(args.runs_dir), args.port, args.address)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from prismatic.up import up
+
+    return up(args)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from prismatic.keys import generate
+
+    for path in generate(Path(args.directory), args.clients):
+        print(path)
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "collect": cmd_collect,
+    "dashboard": cmd_dashboard,
+    "up": cmd_up,
+    "keys": cmd_keys,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except PrismaticError as exc:
+        sys.stderr.write(f"prismatic: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

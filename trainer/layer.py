@@ -1,0 +1,170 @@
+"""The Prismatic layer: one base expert cloned N times, experts 1+ statically perturbed.
+
+Experts' parameters are stored stacked, one tensor of shape (num_experts, *shape) per base
+parameter, so each gradient the probe reads is already one contiguous tensor per parameter.
+The base module is kept only as a template for `torch.func.functional_call`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from trainer.perturbation import STRATEGIES, perturb, select_tiers
+
+MIXING_MODES = ("outputs", "smear", "topk")
+
+
+def _infer_width(module: nn.Module) -> int:
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            return sub.in_features
+    raise ValueError("cannot infer the input width of base_expert; pass d_model=")
+
+
+class Prismatic(nn.Module):
+    """Mixes `num_experts` copies of `base_expert`; expert 0 is clean, 1+ are perturbed.
+
+    `base_expert` must map (..., d_model) to the same shape. Mixing modes:
+    - `outputs`: softmax-weighted sum of every expert's output, per token;
+    - `smear`: experts' parameters merged with the batch-mean routing weights, one forward pass
+      (every expert then gets the same gradient direction: divergence is 0 by construction);
+    - `topk`: each token goes to its `top_k` most probable experts.
+    With `num_experts=1` there is no router: the layer is the plain base MLP (the dense control).
+    """
+
+    def __init__(
+        self,
+        base_expert: nn.Module,
+        num_experts: int = 3,
+        perturbation_scale: float = 1.0,
+        sparsity: float = 0.1,
+        perturbation_strategy: str = "dual_sided",
+        mixing: str = "outputs",
+        top_k: int = 1,
+        expert_dropout: float = 0.1,
+        d_model: int | None = None,
+    ) -> None:
+        super().__init__()
+        if mixing not in MIXING_MODES:
+            raise ValueError(f"mixing {mixing!r} is not one of {', '.join(MIXING_MODES)}")
+        if perturbation_strategy not in STRATEGIES:
+            raise ValueError(
+                f"perturbation_strategy {perturbation_strategy!r} is not one of "
+                f"{', '.join(STRATEGIES)}"
+            )
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k {top_k} must be in 1..num_experts ({num_experts})")
+        self.num_experts = num_experts
+        self.perturbation_scale = float(perturbation_scale)
+        self.sparsity = float(sparsity)
+        self.perturbation_strategy = perturbation_strategy
+        self.mixing = mixing
+        self.top_k = top_k
+        self.expert_dropout = float(expert_dropout)
+        self.d_model = d_model or _infer_width(base_expert)
+
+        # The template is not a registered submodule: its own parameters are never trained.
+        self._template = [copy.deepcopy(base_expert).requires_grad_(False)]
+        self.param_names = [name for name, _ in base_expert.named_parameters()]
+        self.experts = nn.ParameterDict()
+        for name, weight in base_expert.named_parameters():
+            tiers = select_tiers(weight, self.sparsity)
+            key = self._key(name)
+            self.register_buffer(f"tier_top__{key}", tiers.top)
+            self.register_buffer(f"tier_bottom__{key}", tiers.bottom)
+            clones = [weight.detach().clone()]
+            for expert in range(1, num_experts):
+                clones.append(
+                    perturb(
+                        weight,
+                        tiers,
+                        expert=expert,
+                        param_name=name,
+                        scale=self.perturbation_scale,
+                        strategy=perturbation_strategy,
+                    )
+                )
+            self.experts[key] = nn.Parameter(torch.stack(clones))
+        if num_experts > 1:
+            self.router_norm = nn.LayerNorm(self.d_model)
+            self.router = nn.Linear(self.d_model, num_experts)
+        # Mean router probability per expert over the last training batch: (num_experts,)
+        self.register_buffer(
+            "last_routing", torch.full((num_experts,), 1.0 / num_experts), persistent=False
+        )
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")
+
+    # --- what the probe reads ------------------------------------------------------------------
+
+    def stacked_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(base parameter name, stacked parameter of shape (num_experts, *shape))."""
+        return [(name, self.experts[self._key(name)]) for name in self.param_names]
+
+    def tiers(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self._key(name)
+        return getattr(self, f"tier_top__{key}"), getattr(self, f"tier_bottom__{key}")
+
+    def expert_parameters(self, expert: int) -> dict[str, torch.Tensor]:
+        return {name: p[expert] for name, p in self.stacked_parameters()}
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def _run_expert(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self._template[0], params, (x,))
+
+    def _routing(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.router(self.router_norm(x)), dim=-1)  # (..., E)
+        if self.training:
+            self.last_routing = probs.detach().reshape(-1, self.num_experts).mean(0)
+        if self.training and self.expert_dropout > 0:
+            keep = torch.rand_like(probs) >= self.expert_dropout
+            dropped = probs * keep
+            total = dropped.sum(-1, keepdim=True)
+            # A token that lost every expert keeps its original weights.
+            probs = torch.where(total > 0, dropped / total.clamp_min(1e-12), probs)
+        return probs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_experts == 1:
+            return self._run_expert(self.expert_parameters(0), x)
+        weights = self._routing(x)  # (..., E)
+        if self.mixing == "outputs":
+            out = torch.zeros_like(x)
+            for k in range(self.num_experts):
+                out = out + weights[..., k : k + 1] * self._run_expert(self.expert_parameters(k), x)
+            return out
+        if self.mixing == "smear":
+            mean_w = weights.reshape(-1, self.num_experts).mean(0)  # (E,)
+            merged = {
+                name: torch.einsum("e,e...->...", mean_w.to(p.dtype), p)
+                for name, p in self.stacked_parameters()
+            }
+            return self._run_expert(merged, x)
+        return self._forward_topk(x, weights)
+
+    def _forward_topk(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        flat_x = x.reshape(-1, x.shape[-1])  # (N, D)
+        top_w, top_i = weights.reshape(-1, self.num_experts).topk(self.top_k, dim=-1)  # (N, k)
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        out = torch.zeros_like(flat_x)
+        for k in range(self.num_experts):
+            token, slot = torch.nonzero(top_i == k, as_tuple=True)
+            if token.numel() == 0:
+                continue  # no tokens: this expert gets an all-zero gradient ("no gradient")
+            y = self._run_expert(self.expert_parameters(k), flat_x[token])
+            out = out.index_add(0, token, top_w[token, slot].unsqueeze(-1) * y)
+        return out.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, scale={self.perturbation_scale}, "
+            f"sparsity={self.sparsity}, strategy={self.perturbation_strategy}, mixing={self.mixing}"
+        )

@@ -1,0 +1,273 @@
+"""`prismatic train`: a real training run on real text, probed and published every log_freq.
+
+One optimizer step reads as phases: micro-batches (forward, backward), unscale, probe and
+publish, clip, optimizer step, then evaluation and checkpoint when due.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from prismatic import db
+from prismatic.config import ExperimentConfig, dump_yaml, run_hash, to_dict
+from prismatic.errors import ConfigError
+from trainer.api import DynamicsReporter
+from trainer.data import Corpus, sample_batch
+from trainer.model import build_model
+from trainer.progress import Progress
+from trainer.publisher import Publisher
+
+log = logging.getLogger(__name__)
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls, cfg: ExperimentConfig) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != cfg.train.world_size:
+            raise ConfigError(
+                f"train.world_size: {cfg.train.world_size} is not accepted; this process was "
+                f"launched with WORLD_SIZE={world} (use torchrun --nproc_per_node "
+                f"{cfg.train.world_size} for data-parallel runs)"
+            )
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return cls(rank=int(os.environ.get("RANK", "0")), world_size=world)
+
+
+def run_dir_for(cfg: ExperimentConfig, runs_dir: Path) -> Path:
+    return Path(runs_dir) / run_hash(cfg)
+
+
+def _autocast(cfg: ExperimentConfig, device: torch.device):
+    if cfg.train.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, corpus: Corpus, cfg: ExperimentConfig, device) -> float | None:
+    if len(corpus.val) <= cfg.model.seq_len + 1:
+        return None
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(12345)  # the same held-out windows every time
+    losses = []
+    for _ in range(cfg.train.eval_batches):
+        x, y = sample_batch(corpus.val, cfg.train.batch_size, cfg.model.seq_len, generator)
+        with _autocast(cfg, device):
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, step: int, generator) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "generator": generator.get_state(),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)  # atomic: a crash mid-save never leaves a torn checkpoint
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        runs_dir: Path,
+        collector: str | None = None,
+        resume: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.dist = Distributed.from_env(cfg)
+        self.run_hash = run_hash(cfg)
+        self.run_dir = Path(runs_dir) / self.run_hash
+        self.collector = collector or cfg.dynamics.collector
+        self.resume = resume
+        self.device = torch.device(cfg.train.device)
+        if cfg.train.threads:
+            # Several trainers on one machine: one thread each (oversubscription is ~10x slower).
+            torch.set_num_threads(cfg.train.threads)
+
+    def _prepare(self) -> None:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.rank == 0:
+            (self.run_dir / db.CONFIG_NAME).write_text(dump_yaml(cfg), encoding="utf-8")
+        self.corpus = Corpus.load(cfg.data, cfg.model.seq_len)
+        self.model = build_model(cfg.model, cfg.seed).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.dist.rank)
+        self.start_step = 0
+        if self.resume:
+            self._load_checkpoint()
+        self.wrapped: nn.Module = self.model
+        if self.dist.world_size > 1:
+            self.wrapped = nn.parallel.DistributedDataParallel(self.model)
+        self.scaler = torch.amp.GradScaler(enabled=cfg.train.precision == "fp16")
+
+    def _load_checkpoint(self) -> None:
+        path = self.run_dir / CHECKPOINT_NAME
+        if not path.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {path}; start the run without --resume")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.start_step = state["step"] + 1
+        log.info("trainer: resumed %s from step %d", self.run_hash, state["step"])
+
+    def _reporter(self) -> DynamicsReporter | None:
+        if not self.cfg.dynamics.enabled:
+            return None
+        spool = None
+        if self.cfg.dynamics.spool:
+            spool = self.run_dir / "spool" / f"rank{self.dist.rank}.msgpack"
+        publisher = Publisher(
+            self.collector,
+            self.run_hash,
+            self.dist.rank,
+            spool_path=spool,
+            send_hwm=self.cfg.dynamics.send_hwm,
+            curve=self._curve(),
+        )
+        return DynamicsReporter(
+            self.model,
+            self.collector,
+            config=to_dict(self.cfg),
+            log_freq=self.cfg.dynamics.log_freq,
+            run_hash=self.run_hash,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            publisher=publisher,
+        )
+
+    def _curve(self) -> tuple[bytes, bytes, bytes] | None:
+        from prismatic.keys import client_curve
+
+        return client_curve(self.cfg.dynamics)
+
+    def run(self) -> str:
+        """Train to `train.steps`; returns the end status sent to the collector."""
+        self._prepare()
+        reporter = self._reporter()
+        status = "failed"
+        try:
+            self._train(reporter)
+            status = "completed"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            if reporter is not None:
+                reporter.close(status)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return status
+
+    def _train(self, reporter: DynamicsReporter | None) -> None:
+        cfg = self.cfg
+        tokens = cfg.train.batch_size * cfg.model.seq_len * cfg.train.grad_accum
+        progress = Progress(cfg.train.steps, tokens * self.dist.world_size)
+        self.model.train()
+        last = cfg.train.steps - 1
+        for step in range(self.start_step, cfg.train.steps):
+            # Forward and backward over the micro-batches of this optimizer step.
+            loss = self._accumulate()
+
+            # Probe on the synchronised, unscaled gradients, before the optimizer changes them.
+            self.scaler.unscale_(self.optimizer)
+            eval_due = self._eval_due(step, last)
+            val_loss = self._evaluate() if eval_due else None
+            if reporter is not None:
+                # Every rank probes the same steps, so the collector sees each from all ranks.
+                force = step == last or eval_due
+                reporter.after_backward(
+                    step, loss=loss, val_loss=val_loss, lr=cfg.train.lr, force=force
+                )
+
+            # Clip and step.
+            if cfg.train.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+
+            self._maybe_checkpoint(step, last)
+            if self.dist.rank == 0:
+                progress.update(step + 1, loss, val_loss, force=step == last)
+
+    def _accumulate(self) -> float:
+        cfg = self.cfg
+        total = 0.0
+        micro = cfg.train.grad_accum
+        for i in range(micro):
+            x, y = sample_batch(
+                self.corpus.train, cfg.train.batch_size, cfg.model.seq_len, self.generator
+            )
+            # DDP: synchronise gradients only on the last micro-batch of the step.
+            sync = i == micro - 1 or not isinstance(
+                self.wrapped, nn.parallel.DistributedDataParallel
+            )
+            context = contextlib.nullcontext() if sync else self.wrapped.no_sync()
+            with context, _autocast(cfg, self.device):
+                _, loss = self.wrapped(x.to(self.device), y.to(self.device))
+                loss = loss / micro
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        value = float(total)
+        if not math.isfinite(value):
+            log.warning("trainer: non-finite loss %s", value)
+        return value
+
+    def _eval_due(self, step: int, last: int) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(every) and (step % every == 0 or step == last)
+
+    def _evaluate(self) -> float | None:
+        if self.dist.rank != 0:
+            return None
+        return evaluate(self.model, self.corpus, self.cfg, self.device)
+
+    def _maybe_checkpoint(self, step: int, last: int) -> None:
+        every = self.cfg.train.checkpoint_every
+        if self.dist.rank != 0 or not every or not (step % every == 0 or step == last):
+            return
+        save_checkpoint(
+            self.run_dir / CHECKPOINT_NAME, self.model, self.optimizer, step, self.generator
+        )
+
+
+def train(
+    cfg: ExperimentConfig, runs_dir: Path, collector: str | None = None, resume: bool = False
+) -> str:
+    started = time.perf_counter()
+    trainer = Trainer(cfg, runs_dir, collector, resume)
+    print(f"run {trainer.run_hash} ({cfg.name}) -> {trainer.run_dir}", flush=True)
+    status = trainer.run()
+    log.info("trainer: %s %s in %.1fs", trainer.run_hash, status, time.perf_counter() - started)
+    return status
