@@ -1,0 +1,114 @@
+"""Config loading: defaults, overrides, validation errors, and the run hash."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prismatic.config import (
+    ExperimentConfig,
+    load_config,
+    parse_override,
+    run_hash,
+    to_dict,
+    with_values,
+)
+from prismatic.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT = REPO / "configs" / "default.yaml"
+
+
+def test_default_yaml_matches_the_documented_defaults():
+    cfg = load_config(DEFAULT)
+    assert cfg.name == "dual-sided"
+    assert cfg.model.router_type == "prismatic"
+    assert cfg.model.num_experts == 3
+    assert cfg.model.perturbation_scale == 1.0
+    assert cfg.model.sparsity == 0.1
+    assert cfg.model.perturbation_strategy == "dual_sided"
+    assert cfg.model.mixing == "outputs"
+    assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.n_heads, cfg.model.seq_len) == (
+        4,
+        256,
+        4,
+        128,
+    )
+    assert cfg.data.path is None
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.lr) == (2000, 16, 3.0e-4)
+    assert (cfg.dynamics.log_freq, cfg.dynamics.collector) == (10, "tcp://127.0.0.1:5557")
+    # The file spells out the dataclass defaults: nothing in it differs from them.
+    assert cfg == ExperimentConfig()
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    cfg = load_config(DEFAULT, ["train.steps=200", "model.perturbation_scale=0"])
+    assert cfg.train.steps == 200
+    assert cfg.model.perturbation_scale == 0.0
+    assert parse_override("data.path=null") == ("data.path", None)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.steps=abc", "train.steps: 'abc' is not accepted; expected an integer"),
+        ("model.mixing=blend", "model.mixing: 'blend' is not accepted; expected one of outputs"),
+        ("model.bogus=1", "model.bogus: unknown key; accepted keys here: router_type"),
+        ("train.lr=-1", "train.lr: -1.0 is not accepted; expected a number > 0.0"),
+        ("model.sparsity=1.5", "model.sparsity: 1.5 is not accepted"),
+        ("train.steps=true", "train.steps: True is not accepted"),
+        ("model.n_heads=3", "model.n_heads: 3 is not accepted; it must divide model.d_model"),
+        ("dynamics.collector=localhost", "dynamics.collector: 'localhost' is not accepted"),
+        ("stepz", "--set: 'stepz' is not accepted; expected KEY=VALUE"),
+    ],
+)
+def test_bad_values_name_the_key_the_value_and_what_is_accepted(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(DEFAULT, [override])
+    assert str(info.value).startswith(expected)
+
+
+def test_unknown_top_level_key_in_a_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ntrian:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="trian: unknown key"):
+        load_config(path)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+
+
+def test_run_hash_is_nine_hex_chars_of_the_experiment_only():
+    cfg = load_config(DEFAULT)
+    h = run_hash(cfg)
+    assert len(h) == 9 and int(h, 16) >= 0
+    # Where the run reports and how many threads it uses do not change the experiment...
+    moved = with_values(cfg, **{"dynamics.collector": "tcp://10.0.0.1:6000", "train.threads": 2})
+    assert run_hash(moved) == h
+    # ...but anything the model or the data sees does.
+    assert run_hash(with_values(cfg, **{"model.perturbation_scale": 0.0})) != h
+    assert run_hash(with_values(cfg, **{"seed": 1})) != h
+
+
+def test_run_hash_is_stable_across_processes():
+    # The hash names the run folder: another interpreter (another hash seed) must agree.
+    code = "from prismatic.config import *; print(run_hash(load_config(None)))"
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+        check=True,
+    )
+    assert other.stdout.strip() == run_hash(ExperimentConfig())
+    assert to_dict(load_config(None)) == to_dict(ExperimentConfig())
