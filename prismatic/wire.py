@@ -99,6 +99,9 @@ def validate(raw: Any) -> dict[str, Any]:
         "rank": _int_field(raw, "rank", 0, MAX_RANK),
         "seq": _int_field(raw, "seq", 0, 2**63 - 1),
         "ts": _float_field(raw, "ts", required=False),
+        # Where this message starts in its sender's spool file: lets the collector see gaps
+        # across trainer restarts (seq restarts at 0) and replay only the bytes it missed.
+        "spool_offset": _int_field(raw, "spool_offset", 0, 2**63 - 1, required=False),
     }
     if kind == KIND_RUN_START:
         msg.update(_validate_run_start(raw))
