@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 
+from collector.gaps import SpoolWatch
 from collector.ranks import PendingSteps
 from collector.store import RunStore, StepRow
 from prismatic import db, wire
@@ -78,6 +79,7 @@ class Collector:
         self._runs: dict[str, RunState] = {}
         self._pending = PendingSteps()
         self._last_warning: dict[str, float] = {}
+        self.spools = SpoolWatch(self)  # replays from spool files what the socket missed
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -150,6 +152,8 @@ class Collector:
             self.reject(exc.reason, exc.detail)
             return False
         try:
+            if not self.spools.observe(message, len(data)):
+                return True  # already ingested from its spool file
             self.handle(message)
         except SchemaError as exc:
             self.reject("bad_database", str(exc))
@@ -294,6 +298,7 @@ class Chores:
                 store.checkpoint()
         if self._due("stats", c.stats_interval_s, now):
             self._log_stats(now)
+        c.spools.run_due()
 
     def _due(self, chore: str, interval: float, now: float) -> bool:
         if now - self.last[chore] < interval:
