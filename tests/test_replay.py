@@ -1,0 +1,417 @@
+"""Spool files and replays: collector/replay.py, collector/gaps.py and the spool side of
+trainer/publisher.py, with real ZeroMQ sockets and real SQLite files."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from collector.gaps import CURSOR_NAME, SpoolWatch
+from collector.replay import read_spool, replay_into, spool_path
+from collector.service import Collector
+from prismatic import wire
+from trainer.publisher import Publisher
+
+RUN = "abcdef012"
+OTHER_RUN = "0123456ab"
+LAYERS, EXPERTS = 2, 3
+METRICS = {
+    name: [[float(layer + expert + 1) for expert in range(EXPERTS)] for layer in range(LAYERS)]
+    for name in ("top_norm", "bottom_norm", "middle_norm", "norm", "divergence")
+}
+
+
+def free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def publisher(runs: Path, run: str = RUN, rank: int = 0, **kwargs) -> Publisher:
+    """A publisher spooling where a trainer would: `<runs>/<run>/spool/rank<N>.msgpack`."""
+    address = kwargs.pop("address", None) or free_address()
+    kwargs.setdefault("linger_ms", 0)
+    return Publisher(address, run, rank, spool_path=spool_path(runs / run, rank), **kwargs)
+
+
+def send_start(pub: Publisher, world_size: int = 1) -> None:
+    pub.send(
+        wire.KIND_RUN_START,
+        name="t",
+        config={"name": "t"},
+        model={"mixing": "outputs"},
+        world_size=world_size,
+        shards=False,
+        host="here",
+    )
+
+
+def send_steps(pub: Publisher, steps: range) -> None:
+    for step in steps:
+        pub.send(wire.KIND_DYNAMICS, step=step, loss=1.0 / (step + 1), metrics=METRICS)
+
+
+def send_end(pub: Publisher, status: str = "completed") -> None:
+    pub.send(wire.KIND_RUN_END, status=status, last_step=0)
+
+
+def spool_messages(path: Path) -> list[tuple[dict, bytes]]:
+    """(decoded message, its exact bytes) for every message in a spool file."""
+    data = path.read_bytes()
+    out, start = [], 0
+    for raw, end in read_spool(path):
+        out.append((raw, data[start:end]))
+        start = end
+    return out
+
+
+def stored(runs: Path, run: str = RUN) -> dict:
+    conn = sqlite3.connect(runs / run / "dynamics.db")
+    try:
+        steps = [r[0] for r in conn.execute("SELECT step FROM dynamics ORDER BY step")]
+        layer_rows = conn.execute("SELECT count(*) FROM layer_dynamics").fetchone()[0]
+        ranks = {r[0] for r in conn.execute("SELECT ranks_reported FROM dynamics")}
+        status = conn.execute("SELECT status FROM run").fetchone()
+    finally:
+        conn.close()
+    return {
+        "steps": steps,
+        "layer_rows": layer_rows,
+        "ranks": ranks,
+        "status": status[0] if status else None,
+    }
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+@contextmanager
+def collector_thread(runs: Path, bind: str, **watch) -> Iterator[Collector]:
+    """A real collector serving `bind` in a thread; stopped (flushed, committed) on exit."""
+    context = zmq.Context()
+    collector = Collector(bind, runs, context=context, flush_interval_ms=50)
+    collector.spools = SpoolWatch(collector, **watch)
+    thread = threading.Thread(target=collector.run, daemon=True)
+    thread.start()
+    assert collector.ready.wait(10)
+    try:
+        yield collector
+    finally:
+        collector.stop()
+        thread.join(10)
+        context.term()
+
+
+# --- the spool file ---------------------------------------------------------------------------
+
+
+def test_each_message_carries_its_spool_offset_and_a_resumed_sender_appends(tmp_path):
+    for _session in range(2):  # the second session is a resumed trainer: seq restarts at 0
+        with publisher(tmp_path) as pub:
+            send_start(pub)
+            send_steps(pub, range(2))
+    path = spool_path(tmp_path / RUN, 0)
+
+    messages = spool_messages(path)
+
+    assert [m["seq"] for m, _ in messages] == [0, 1, 2, 0, 1, 2]
+    position = 0
+    for message, data in messages:
+        assert message["spool_offset"] == position
+        position += len(data)
+    assert position == path.stat().st_size
+
+
+def test_a_torn_tail_is_left_for_the_next_read_to_pick_up_whole(tmp_path):
+    with publisher(tmp_path) as pub:
+        send_start(pub)
+        send_steps(pub, range(3))
+    path = spool_path(tmp_path / RUN, 0)
+    last = wire.encode({"v": 1, "kind": "dynamics", "run": RUN, "rank": 0, "seq": 4, "step": 3})
+    whole = path.stat().st_size
+    with open(path, "ab") as fh:
+        fh.write(last[:7])  # a write in progress, or a crash mid-write
+
+    ends = [end for _, end in read_spool(path)]
+    with open(path, "ab") as fh:
+        fh.write(last[7:])
+    rest = list(read_spool(path, ends[-1]))
+
+    assert len(ends) == 4 and ends[-1] == whole
+    assert [(raw["step"], end) for raw, end in rest] == [(3, whole + len(last))]
+
+
+def test_a_spool_the_disk_refuses_is_closed_and_messages_go_out_without_an_offset(tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full to make writes fail with ENOSPC")
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    pub = Publisher(f"tcp://127.0.0.1:{port}", RUN, spool_path=Path("/dev/full"), linger_ms=1000)
+    send_start(pub)
+    send_steps(pub, range(1))
+    pub.close()
+    pull.setsockopt(zmq.RCVTIMEO, 5000)
+    received = [wire.decode(pull.recv()) for _ in range(2)]
+    pull.close()
+    context.term()
+
+    assert [m["kind"] for m in received] == ["run_start", "dynamics"]
+    assert [m["spool_offset"] for m in received] == [None, None]
+
+
+# --- replays ----------------------------------------------------------------------------------
+
+
+def test_replaying_a_run_folder_twice_stores_each_step_once(tmp_path):
+    with publisher(tmp_path / "trainer") as pub:
+        send_start(pub)
+        send_steps(pub, range(5))
+        send_end(pub)
+    runs = tmp_path / "runs"
+    collector = Collector(runs_dir=runs)
+
+    accepted = [replay_into(collector, tmp_path / "trainer" / RUN) for _ in range(2)]
+    collector.shutdown()
+
+    assert accepted == [7, 7]
+    assert stored(runs) == {
+        "steps": [0, 1, 2, 3, 4],
+        "layer_rows": 5 * LAYERS * EXPERTS,
+        "ranks": {1},
+        "status": "completed",
+    }
+
+
+def test_a_gap_in_live_messages_is_filled_from_the_spool(tmp_path):
+    address = free_address()
+    pub = publisher(tmp_path, address=address, send_hwm=1, linger_ms=2000)
+    send_start(pub)
+    send_steps(pub, range(10))  # nobody listens: past the first queued message, all dropped
+    dropped_while_down = pub.dropped
+
+    with collector_thread(tmp_path, address) as collector:
+        wait_until(lambda: collector.stats.received >= 1)  # the queued message: connected
+        send_steps(pub, range(10, 15))
+        send_end(pub)
+        pub.close()
+        wait_until(lambda: collector.stats.rows_written >= 15)
+        gaps, replayed = collector.spools.gaps, collector.spools.replayed
+
+    assert dropped_while_down >= 8
+    assert gaps >= 1 and replayed >= dropped_while_down
+    assert stored(tmp_path) == {
+        "steps": list(range(15)),
+        "layer_rows": 15 * LAYERS * EXPERTS,
+        "ranks": {1},
+        "status": "completed",
+    }
+
+
+def test_a_restarted_collector_reads_only_what_is_new(tmp_path):
+    address = free_address()
+    pub = publisher(tmp_path, address=address, linger_ms=2000)
+    fast_save = {"save_interval_s": 0.05}
+    cursor_file = tmp_path / RUN / "spool" / CURSOR_NAME
+    spool = spool_path(tmp_path / RUN, 0)
+
+    def cursor_at_end() -> bool:
+        return cursor_file.is_file() and json.loads(cursor_file.read_text()) == {
+            spool.name: spool.stat().st_size
+        }
+
+    with collector_thread(tmp_path, address, **fast_save) as first:
+        send_start(pub)
+        send_steps(pub, range(5))
+        wait_until(lambda: first.stats.rows_written >= 5 and cursor_at_end())
+    with collector_thread(tmp_path, address, **fast_save) as second:
+        send_steps(pub, range(5, 10))
+        send_end(pub)
+        pub.close()
+        wait_until(lambda: second.stats.rows_written >= 5)
+        watch = second.spools
+
+    assert (watch.gaps, watch.replayed) == (0, 0)
+    assert stored(tmp_path)["steps"] == list(range(10))
+
+
+def test_a_collector_without_a_saved_cursor_replays_from_the_start(tmp_path):
+    with publisher(tmp_path) as pub:
+        send_start(pub)
+        send_steps(pub, range(4))
+        send_end(pub)
+    messages = spool_messages(spool_path(tmp_path / RUN, 0))
+    collector = Collector(runs_dir=tmp_path)
+
+    # This process first hears from the sender at its last message: a gap, by all it knows.
+    handled = collector.handle_bytes(messages[-1][1])
+    collector.shutdown()
+
+    assert handled
+    assert (collector.spools.gaps, collector.spools.replayed) == (1, 6)
+    assert stored(tmp_path)["steps"] == [0, 1, 2, 3]
+    assert stored(tmp_path)["status"] == "completed"
+
+
+def test_a_resumed_trainer_restarting_seq_at_zero_is_not_mistaken_for_a_new_sender(tmp_path):
+    with publisher(tmp_path) as pub:
+        send_start(pub)
+        send_steps(pub, range(5))
+        send_end(pub, "interrupted")
+    with publisher(tmp_path) as pub:  # --resume: same spool, seq from 0 again
+        send_start(pub)
+        send_steps(pub, range(5, 10))
+        send_end(pub)
+    messages = spool_messages(spool_path(tmp_path / RUN, 0))
+    second_session = messages[7:]
+    assert second_session[0][0]["seq"] == 0
+    collector = Collector(runs_dir=tmp_path)
+
+    for _, data in second_session:
+        collector.handle_bytes(data)
+    collector.shutdown()
+
+    assert collector.spools.gaps == 1  # once, at the resumed session's first message
+    assert stored(tmp_path)["steps"] == list(range(10))
+    assert stored(tmp_path)["status"] == "completed"
+
+
+def test_late_duplicates_after_a_replay_do_not_reopen_steps_of_a_two_rank_run(tmp_path):
+    ranks = []
+    for rank in range(2):
+        with publisher(tmp_path, rank=rank) as pub:
+            send_start(pub, world_size=2)
+            send_steps(pub, range(4))
+        ranks.append(spool_messages(spool_path(tmp_path / RUN, rank)))
+    collector = Collector(runs_dir=tmp_path)
+
+    collector.handle_bytes(ranks[0][-1][1])  # a gap on rank 0: its spool is replayed
+    for _, data in ranks[1]:
+        collector.handle_bytes(data)
+    for _, data in ranks[0][1:]:  # rank 0's messages arriving late over the socket
+        collector.handle_bytes(data)
+    left_waiting = collector._pending.has_run(RUN)
+    collector.shutdown()
+
+    assert not left_waiting
+    assert stored(tmp_path)["steps"] == [0, 1, 2, 3]
+    assert stored(tmp_path)["ranks"] == {2}  # a re-opened step would be written with 1 rank
+
+
+def test_a_gap_with_no_spool_here_takes_the_message_as_it_comes(tmp_path, caplog):
+    trainer_side = tmp_path / "remote"
+    with publisher(trainer_side) as pub:
+        send_start(pub)
+        send_steps(pub, range(3))
+    messages = spool_messages(spool_path(trainer_side / RUN, 0))
+    runs = tmp_path / "runs"
+    collector = Collector(runs_dir=runs)
+
+    for _, data in messages[2:]:  # missed run_start and step 0; the spool is on another machine
+        assert collector.handle_bytes(data)
+    collector.shutdown()
+
+    assert collector.spools.gaps == 1
+    assert stored(runs)["steps"] == [1, 2]
+    assert sum("collect --replay" in r.getMessage() for r in caplog.records) == 1
+
+
+# --- the tail scan and saved cursors ----------------------------------------------------------
+
+
+def make_spool(runs: Path, run: str, steps: range, age_s: float) -> Path:
+    with publisher(runs, run=run) as pub:
+        send_start(pub)
+        send_steps(pub, steps)
+        send_end(pub)
+    path = spool_path(runs / run, 0)
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+    return path
+
+
+def test_the_scan_replays_spools_that_stopped_growing_and_waits_for_growing_ones(tmp_path):
+    make_spool(tmp_path, RUN, range(3), age_s=60)
+    growing = make_spool(tmp_path, OTHER_RUN, range(2), age_s=0)
+    collector = Collector(runs_dir=tmp_path)
+    watch = SpoolWatch(collector, quiet_s=5)
+
+    watch.scan()
+    collector.flush()
+    first = (stored(tmp_path)["steps"], (tmp_path / OTHER_RUN / "dynamics.db").exists())
+    then = time.time() - 60
+    os.utime(growing, (then, then))
+    watch.scan()
+    watch.scan()  # nothing new the second time
+    collector.shutdown()
+
+    assert first == ([0, 1, 2], False)
+    assert stored(tmp_path, OTHER_RUN)["steps"] == [0, 1]
+    assert watch.replays == 2
+
+
+def test_cursors_are_saved_only_once_their_rows_are_committed(tmp_path):
+    path = make_spool(tmp_path, RUN, range(3), age_s=60)
+    collector = Collector(runs_dir=tmp_path)
+    cursor_file = path.parent / CURSOR_NAME
+
+    collector.spools.scan()  # rows are buffered, not yet written
+    collector.spools.save_committed(force=True)
+    saved_before_flush = cursor_file.exists()
+    collector.flush()
+    collector.spools.save_committed(force=True)
+    collector.shutdown()
+
+    assert not saved_before_flush
+    assert json.loads(cursor_file.read_text()) == {path.name: path.stat().st_size}
+
+
+def test_a_saved_cursor_is_trusted_only_while_its_database_and_file_back_it(tmp_path):
+    path = make_spool(tmp_path, RUN, range(3), age_s=60)
+    cursor_file = path.parent / CURSOR_NAME
+    cursor_file.write_text(json.dumps({path.name: path.stat().st_size}))
+
+    no_database = Collector(runs_dir=tmp_path)
+    no_database.spools.scan()  # dynamics.db is missing: the cursor vouches for nothing
+    no_database.shutdown()
+    trusted = Collector(runs_dir=tmp_path)
+    trusted.spools.scan()
+    trusted.shutdown()
+    cursor_file.write_text(json.dumps({path.name: path.stat().st_size + 100}))  # file shrank
+    shrunk = Collector(runs_dir=tmp_path)
+    shrunk.spools.scan()
+    shrunk.shutdown()
+
+    assert [c.spools.replays for c in (no_database, trusted, shrunk)] == [1, 0, 1]
+    assert stored(tmp_path)["steps"] == [0, 1, 2]
+
+
+def test_a_spool_that_turns_to_garbage_is_read_up_to_the_damage(tmp_path):
+    path = make_spool(tmp_path, RUN, range(3), age_s=0)
+    good = path.stat().st_size
+    with open(path, "ab") as fh:
+        fh.write(b"\xc1" + msgpack.packb({"v": 1}))  # 0xc1 is never valid msgpack
+    collector = Collector(runs_dir=tmp_path)
+
+    accepted = replay_into(collector, tmp_path / RUN)
+    collector.shutdown()
+
+    assert accepted == 5
+    assert [end for _, end in read_spool(path)][-1] == good
+    assert stored(tmp_path)["steps"] == [0, 1, 2]
