@@ -3,28 +3,42 @@
 One loop, one thread: receive a burst of messages, handle each, then do the periodic chores
 (flush batched writes, write steps whose missing ranks timed out, mark silent runs stale, close
 idle databases, checkpoint WALs, log throughput). Sockets are made inside `run()`, in the thread
-that uses them, as ZeroMQ requires.
+that uses them, as ZeroMQ requires. `serve()` runs that loop in a worker thread so the main
+thread stays free for signals (see its docstring).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sqlite3
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 
+from collector.chores import Chores
 from collector.gaps import SpoolWatch
 from collector.ranks import PendingSteps
 from collector.store import RunStore, StepRow
 from prismatic import db, wire
-from prismatic.errors import ProtocolError, SchemaError
+from prismatic.errors import ConfigError, ProtocolError, SchemaError
 
 log = logging.getLogger(__name__)
+
+WARN_INTERVAL_S = 10.0  # at most one warning per rejection reason this often
+RETRY_UNWRITABLE_S = 30.0  # how long a run whose database cannot be opened is refused
+SHUTDOWN_RETRY_S = 10.0  # how long shutdown keeps retrying a flush that failed
+# A run's rows kept in memory while its database refuses writes (locked, disk full); beyond
+# this the oldest are dropped (counted): they are still in the trainers' spool files.
+MAX_UNWRITTEN_ROWS = 100_000
+# run_end statuses from several ranks: the run gets the worst one.
+_END_PRIORITY = {"completed": 0, "interrupted": 1, "failed": 2}
 
 
 @dataclass
@@ -33,14 +47,22 @@ class CollectorStats:
     rows_written: int = 0
     rejected: Counter = field(default_factory=Counter)
     nonfinite_values: int = 0
+    flush_errors: int = 0
+    rows_dropped: int = 0
 
 
 @dataclass
 class RunState:
+    """What the collector knows of one run between messages (restored from its database)."""
+
     world_size: int = 1
     shards: bool = False
+    declared: bool = False  # world size from a run_start (or the database), not guessed
     status: str = "live"
     last_seen: float = field(default_factory=time.time)
+    started: float | None = None
+    unflushed_messages: int = 0
+    ends: dict[int, dict[str, Any]] = field(default_factory=dict)  # rank -> its run_end
 
 
 class Collector:
@@ -53,10 +75,11 @@ class Collector:
         *,
         context: zmq.Context | None = None,
         flush_interval_ms: int = 250,
-        flush_rows: int = 500,
+        flush_rows: int = 2000,
         rank_timeout_s: float = 30.0,
         stale_after_s: float = 120.0,
         idle_close_s: float = 60.0,
+        max_open_runs: int = 128,
         stats_interval_s: float = 10.0,
         curve: Any = None,
     ) -> None:
@@ -68,6 +91,7 @@ class Collector:
         self.rank_timeout_s = rank_timeout_s
         self.stale_after_s = stale_after_s
         self.idle_close_s = idle_close_s
+        self.max_open_runs = max_open_runs
         self.stats_interval_s = stats_interval_s
         self.curve = curve
         self.stats = CollectorStats()
@@ -75,16 +99,18 @@ class Collector:
         self.stop_event = threading.Event()
         self.bound_address: str | None = None
         self.on_commit: Any = None  # optional callback(run_hash, [StepRow]) for benchmarks
-        self._stores: dict[str, RunStore] = {}
+        self._stores: OrderedDict[str, RunStore] = OrderedDict()  # least recently used first
         self._runs: dict[str, RunState] = {}
         self._pending = PendingSteps()
+        self._buffered = 0  # step rows added to stores since the last flush
+        self._unwritable: dict[str, float] = {}  # run hash -> when opening its database failed
         self._last_warning: dict[str, float] = {}
         self.spools = SpoolWatch(self)  # replays from spool files what the socket missed
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Serve until `stop()`; then flush and commit everything, and return."""
+    def run(self) -> bool:
+        """Serve until `stop()`; then flush and commit everything. True if all was committed."""
         sock = self._open_socket()
         log.info(
             "collector: listening on %s, writing %s (schema version %d)",
@@ -92,6 +118,7 @@ class Collector:
             self.runs_dir,
             db.SCHEMA_VERSION,
         )
+        self._adopt_live_runs()
         self.ready.set()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -103,7 +130,9 @@ class Collector:
                 chores.run_due()
         finally:
             sock.close(linger=0)
-            self.shutdown()
+            if self.curve is not None:
+                self.curve.stop()
+        return self.shutdown()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -127,19 +156,49 @@ class Collector:
             except zmq.Again:
                 return
             self.handle_bytes(data)
+            if self._buffered >= self.flush_rows:
+                self.flush()
 
-    def shutdown(self) -> None:
-        """Write every step still waiting for ranks, flush, checkpoint and close all stores."""
+    def _adopt_live_runs(self) -> None:
+        """Runs left `live` by an earlier collector: watch them too, so silent ones go stale."""
+        for path in sorted(self.runs_dir.glob(f"*/{db.DB_NAME}")):
+            run_hash = path.parent.name
+            if not wire.RUN_HASH_RE.match(run_hash) or run_hash in self._runs:
+                continue
+            try:
+                conn = db.connect_reader(path)
+                try:
+                    run = db.read_run(conn)
+                finally:
+                    conn.close()
+            except sqlite3.Error:
+                continue
+            if run and run.get("status") == "live":
+                self._runs[run_hash] = _state_from_row(run)
+
+    def shutdown(self) -> bool:
+        """Write every step still waiting for ranks, flush, checkpoint and close all stores.
+
+        A flush that fails (the database is locked by someone else) is retried for up to
+        SHUTDOWN_RETRY_S; True if everything received was committed.
+        """
         for run_hash, row in self._pending.pop_all():
-            self._store(run_hash).add_step(row)
+            self._add_row(run_hash, row)
+        deadline = time.monotonic() + SHUTDOWN_RETRY_S
+        while not self.flush() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        committed = self.buffered_rows == 0
         for run_hash in list(self._stores):
             self._close_store(run_hash)
+        if not committed:
+            log.error("collector: could not commit %d rows; they are lost", self.buffered_rows)
         log.info(
             "collector: stopped; %d messages, %d rows written, rejected %s",
             self.stats.received,
             self.stats.rows_written,
             dict(self.stats.rejected) or "none",
         )
+        return committed
 
     # --- messages ------------------------------------------------------------------------------
 
@@ -148,41 +207,51 @@ class Collector:
         self.stats.received += 1
         try:
             message = wire.decode(data)
-        except ProtocolError as exc:
-            self.reject(exc.reason, exc.detail)
-            return False
-        try:
             if not self.spools.observe(message, len(data)):
                 return True  # already ingested from its spool file
             self.handle(message)
+        except ProtocolError as exc:
+            self.reject(exc.reason, exc.detail)
+            return False
         except SchemaError as exc:
             self.reject("bad_database", str(exc))
             return False
         return True
 
     def handle(self, message: dict[str, Any]) -> None:
+        """Apply one validated message, from the socket or a spool replay.
+
+        Raises ProtocolError("bad_rank") for a rank outside the run's declared world size, and
+        SchemaError when the run's database cannot be written.
+        """
         run_hash = message["run"]
-        state = self._runs.setdefault(run_hash, RunState())
-        state.last_seen = time.time()
         store = self._store(run_hash)
-        store.count("messages")
-        updates: dict[str, Any] = {"last_seen": state.last_seen}
+        state = self._runs[run_hash]
+        kind = message["kind"]
+        world_size = message["world_size"] if kind == wire.KIND_RUN_START else state.world_size
+        if message["rank"] >= world_size and (state.declared or kind == wire.KIND_RUN_START):
+            store.count("rejected")
+            raise ProtocolError("bad_rank", f"rank {message['rank']} of {world_size} ranks")
+        state.last_seen = time.time()
+        state.unflushed_messages += 1
         if state.status == "stale":
             state.status = "live"
-            updates["status"] = "live"
-        kind = message["kind"]
-        if kind == wire.KIND_RUN_START:
-            updates.update(self._on_run_start(state, message))
-        elif kind == wire.KIND_DYNAMICS:
+            store.update_run(status="live")
+        if kind == wire.KIND_DYNAMICS:
             self._on_dynamics(state, message)
+        elif kind == wire.KIND_RUN_START:
+            store.update_run(**self._on_run_start(state, message))
         else:
-            updates.update(self._on_run_end(run_hash, state, message))
-        store.update_run(**updates)
+            store.update_run(**self._on_run_end(run_hash, state, message))
 
     def _on_run_start(self, state: RunState, message: dict[str, Any]) -> dict[str, Any]:
         state.world_size = message["world_size"]
         state.shards = message["shards"]
+        state.declared = True
         state.status = "live"
+        state.ends.clear()
+        if state.started is None:  # a resumed run, or a replay, keeps when it first started
+            state.started = message["ts"] or time.time()
         model = message["model"]
         return {
             "name": message["name"],
@@ -192,7 +261,7 @@ class Collector:
             "world_size": state.world_size,
             "shards": int(state.shards),
             "status": "live",
-            "started": message["ts"] or time.time(),
+            "started": state.started,
             "ended": None,
             "host": message["host"],
             "versions": message["versions"],
@@ -204,137 +273,185 @@ class Collector:
             self.reject(
                 "nonfinite_value", f"{message['nonfinite_values']} stored as NULL", count=False
             )
-        # A rank we did not expect: the run is wider than its run_start said (or it was missed).
-        state.world_size = max(state.world_size, message["rank"] + 1)
+        if not state.declared:  # no run_start seen: the widest rank so far is the world
+            state.world_size = max(state.world_size, message["rank"] + 1)
         row = self._pending.add(message, state.world_size, state.shards)
         if row is not None:
-            self._store(message["run"]).add_step(row)
+            self._add_row(message["run"], row)
 
     def _on_run_end(self, run_hash: str, state: RunState, message: dict[str, Any]) -> dict:
-        for row in self._pending.pop_run(run_hash):
-            self._store(run_hash).add_step(row)
-        state.status = message["status"]
-        return {
-            "status": state.status,
-            "ended": message["ts"] or time.time(),
-            "last_step": message["last_step"],
-            "sent": message["sent"],
-            "dropped": message["dropped"],
+        """The run ends when every rank has sent run_end; it gets the worst of their statuses."""
+        state.ends[message["rank"]] = message
+        ends = list(state.ends.values())
+        steps = [e["last_step"] for e in ends if e["last_step"] is not None]
+        updates: dict[str, Any] = {
+            "last_step": max(steps) if steps else None,
+            "sent": sum(e["sent"] or 0 for e in ends),
+            "dropped": sum(e["dropped"] or 0 for e in ends),
         }
+        if len(ends) < state.world_size:
+            return updates
+        for row in self._pending.pop_run(run_hash):
+            self._add_row(run_hash, row)
+        state.status = max((e["status"] for e in ends), key=_END_PRIORITY.__getitem__)
+        updates.update(status=state.status, ended=message["ts"] or time.time())
+        log.info("collector: run %s %s", run_hash, state.status)
+        return updates
 
     def reject(self, reason: str, detail: str = "", count: bool = True) -> None:
-        """Count a rejection by reason; warn at most once per 10 s per reason."""
+        """Count a rejection by reason (unless `count` is False: a warning only); warn at most
+        once per WARN_INTERVAL_S per reason."""
         if count:
             self.stats.rejected[reason] += 1
         now = time.monotonic()
-        if now - self._last_warning.get(reason, -1e9) >= 10.0:
+        if now - self._last_warning.get(reason, -1e9) >= WARN_INTERVAL_S:
             self._last_warning[reason] = now
             log.warning(
-                "collector: rejected message (%s): %s [%d so far]",
+                "collector: %s: %s [%s so far]",
                 reason,
                 detail[:200],
-                self.stats.rejected[reason],
+                self.stats.rejected[reason] if count else "not counted as rejected",
             )
 
     # --- stores --------------------------------------------------------------------------------
 
     def _store(self, run_hash: str) -> RunStore:
+        """The run's open store (most recently used last), opened and its state restored."""
         store = self._stores.get(run_hash)
-        if store is None:
+        if store is not None:
+            self._stores.move_to_end(run_hash)
+            return store
+        failed_at = self._unwritable.get(run_hash)
+        if failed_at is not None and time.monotonic() - failed_at < RETRY_UNWRITABLE_S:
+            raise SchemaError(f"run {run_hash}: its database could not be opened; retrying later")
+        self._close_least_used()
+        try:
             # run_hash is validated as 9 lowercase hex characters: no path can escape runs_dir.
-            store = self._stores[run_hash] = RunStore(self.runs_dir / run_hash)
+            store = RunStore(self.runs_dir / run_hash)
+        except SchemaError:
+            self._unwritable[run_hash] = time.monotonic()
+            raise
+        self._unwritable.pop(run_hash, None)
+        self._stores[run_hash] = store
+        if run_hash not in self._runs:
+            row = store.read_run()
+            self._runs[run_hash] = _state_from_row(row) if row else RunState()
         return store
 
-    def _close_store(self, run_hash: str) -> None:
-        store = self._stores.pop(run_hash)
-        self._commit(store, store.flush())
-        store.close()
+    def _close_least_used(self) -> None:
+        if len(self._stores) < self.max_open_runs:
+            return
+        for run_hash in list(self._stores):
+            if not self._pending.has_run(run_hash) and self._close_store(run_hash):
+                return
+
+    def _close_store(self, run_hash: str) -> bool:
+        """Flush and close; False (and kept open) if the flush failed."""
+        store = self._stores[run_hash]
+        self._note_messages(run_hash, store)
+        try:
+            self._commit(store, store.flush())
+        except sqlite3.Error as exc:
+            self._flush_failed(store, exc)
+            if not self.stop_event.is_set():
+                return False
+        del self._stores[run_hash]
+        try:
+            store.close()
+        except sqlite3.Error as exc:
+            self._flush_failed(store, exc)
+        return True
+
+    def _add_row(self, run_hash: str, row: StepRow) -> None:
+        self._store(run_hash).add_step(row)
+        self._buffered += 1
+
+    def _note_messages(self, run_hash: str, store: RunStore) -> None:
+        state = self._runs.get(run_hash)
+        if state is not None and state.unflushed_messages:
+            store.update_run(last_seen=state.last_seen)
+            store.count("messages", state.unflushed_messages)
+            state.unflushed_messages = 0
 
     def _commit(self, store: RunStore, rows: list[StepRow]) -> None:
         self.stats.rows_written += len(rows)
         if rows and self.on_commit is not None:
             self.on_commit(store.run_hash, rows)
 
-    def flush(self) -> None:
-        for store in list(self._stores.values()):
-            self._commit(store, store.flush())
+    def flush(self) -> bool:
+        """Commit every store's buffered rows; False if some store refused (kept for later)."""
+        ok = True
+        for run_hash, store in list(self._stores.items()):
+            self._note_messages(run_hash, store)
+            try:
+                self._commit(store, store.flush())
+            except sqlite3.Error as exc:
+                self._flush_failed(store, exc)
+                ok = False
+        self._buffered = 0 if ok else self.buffered_rows
+        return ok
+
+    def _flush_failed(self, store: RunStore, exc: sqlite3.Error) -> None:
+        self.stats.flush_errors += 1
+        self.reject("flush_failed", f"{store.path}: {exc}; rows kept for the next try", False)
+        excess = store.pending - MAX_UNWRITTEN_ROWS
+        if excess > 0:
+            del store._steps[:excess]
+            self.stats.rows_dropped += excess
+            log.error("collector: dropped %d unwritable rows of %s", excess, store.path)
 
     @property
     def buffered_rows(self) -> int:
-        return sum(store.pending for store in self._stores.values())
+        return sum(len(store._steps) for store in self._stores.values())
 
 
-class Chores:
-    """The collector's periodic work, each on its own interval."""
+def _state_from_row(run: dict[str, Any]) -> RunState:
+    return RunState(
+        world_size=run.get("world_size") or 1,
+        shards=bool(run.get("shards")),
+        declared=run.get("world_size") is not None,
+        status=run.get("status") or "live",
+        last_seen=run.get("last_seen") or time.time(),
+        started=run.get("started"),
+    )
 
-    def __init__(self, collector: Collector) -> None:
-        self.c = collector
-        now = time.monotonic()
-        self.last = {
-            "flush": now,
-            "timeouts": now,
-            "stale": now,
-            "idle": now,
-            "wal": now,
-            "stats": now,
-        }
-        self.received_at_stats = 0
 
-    def run_due(self) -> None:
-        c = self.c
-        now = time.monotonic()
-        if now - self.last["flush"] >= c.flush_interval_s or c.buffered_rows >= c.flush_rows:
-            self.last["flush"] = now
-            c.flush()
-        if self._due("timeouts", 1.0, now):
-            for run_hash, row in c._pending.pop_expired(c.rank_timeout_s):
-                c._store(run_hash).add_step(row)
-        if self._due("stale", 1.0, now):
-            self._mark_stale()
-        if self._due("idle", 5.0, now):
-            self._close_idle(now)
-        if self._due("wal", 5.0, now):
-            for store in c._stores.values():
-                store.checkpoint()
-        if self._due("stats", c.stats_interval_s, now):
-            self._log_stats(now)
-        c.spools.run_due()
+def serve(collector: Collector) -> int:
+    """Run `collector` until SIGTERM or SIGINT; exit code 0 once everything was committed.
 
-    def _due(self, chore: str, interval: float, now: float) -> bool:
-        if now - self.last[chore] < interval:
-            return False
-        self.last[chore] = now
-        return True
+    The first signal stops receiving, then flushes and commits. A second one exits at once.
+    The loop runs in a worker thread because Python runs signal handlers only in the main
+    thread, between bytecodes: a loop waiting inside SQLite (a locked database) would not see
+    the second signal until the wait ended, while a main thread in join() sees it at once.
+    """
+    received: list[int] = []
 
-    def _mark_stale(self) -> None:
-        c = self.c
-        cutoff = time.time() - c.stale_after_s
-        for run_hash, state in c._runs.items():
-            if state.status == "live" and state.last_seen < cutoff:
-                state.status = "stale"
-                c._store(run_hash).update_run(status="stale")
-                log.info("collector: run %s is stale (silent for %.0fs)", run_hash, c.stale_after_s)
+    def on_signal(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if received:
+            log.warning("collector: second signal (%s); exiting without flushing", name)
+            os._exit(128 + signum)
+        received.append(signum)
+        log.info("collector: %s received; stopping, flushing and committing", name)
+        collector.stop()
 
-    def _close_idle(self, now: float) -> None:
-        c = self.c
-        for run_hash, store in list(c._stores.items()):
-            if (
-                not store.pending
-                and now - store.last_write > c.idle_close_s
-                and not c._pending.has_run(run_hash)
-            ):
-                c._close_store(run_hash)
+    outcome: dict[str, Any] = {}
 
-    def _log_stats(self, now: float) -> None:
-        c = self.c
-        elapsed = c.stats_interval_s
-        rate = (c.stats.received - self.received_at_stats) / elapsed
-        self.received_at_stats = c.stats.received
-        live = sum(1 for s in c._runs.values() if s.status == "live")
-        log.info(
-            "collector: %.0f msg/s, %d rows written, rejected %s, %d live runs",
-            rate,
-            c.stats.rows_written,
-            dict(c.stats.rejected) or "none",
-            live,
-        )
+    def work() -> None:
+        try:
+            outcome["committed"] = collector.run()
+        except zmq.ZMQError as exc:
+            outcome["error"] = exc
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    worker = threading.Thread(target=work, name="collector", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if "error" in outcome:
+        raise ConfigError(f"--bind: cannot listen on {collector.bind!r}: {outcome['error']}")
+    return 0 if outcome.get("committed") else 1

@@ -1,13 +1,16 @@
 """The collector's writes: one `RunStore` per run folder, batched upserts, bounded WAL.
 
 Writes are idempotent upserts keyed by step (and layer, expert), so a step that arrives twice,
-out of order or again after a restart or a replay is stored exactly once.
+out of order or again after a restart or a replay is stored exactly once. A step written before
+all of its ranks reported (the rank timeout) is only ever replaced by a report of at least as
+many ranks, so a late duplicate cannot overwrite a complete row with a partial one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -15,9 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from prismatic import db
+from prismatic.errors import SchemaError
 from prismatic.wire import EXPERT_METRICS, MAX_EXPERTS
 
 log = logging.getLogger(__name__)
+
+# The WAL is checkpointed harder (RESTART, waiting this long for readers) once it outgrows the
+# journal size limit: a passive checkpoint alone can be starved by readers that never pause.
+RESTART_BUSY_MS = 200
+_COUNTERS = ("messages", "rejected")
+_KEEP_IF_NULL = frozenset(("loss", "val_loss", "lr"))
 
 
 @dataclass
@@ -34,20 +44,38 @@ class StepRow:
     layer_mean: dict[str, list[float | None]]  # metric -> value per expert
     per_layer: dict[str, list[list[float | None]]]  # metric -> [layer][expert]
     created: float = field(default_factory=time.time)
+    world_size: int = 1  # ranks expected when the row was built
+    sent_ts: float | None = None  # when its last rank published it (the sender's clock)
+
+    @property
+    def n_experts(self) -> int:
+        return max((len(v) for v in self.layer_mean.values()), default=0)
 
 
 class RunStore:
-    """The single writer of one `<runs-dir>/<hash>/dynamics.db`."""
+    """The single writer of one `<runs-dir>/<hash>/dynamics.db`.
+
+    Opening a database this version cannot write (newer schema, not a database) raises
+    SchemaError; a failed flush (locked, disk full) keeps its rows buffered for the next try.
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / db.DB_NAME
-        self.conn = db.connect_writer(self.path)
-        self.schema_version = db.migrate(self.conn)
-        self._columns = set(db.table_columns(self.conn, "dynamics"))
+        self.run_hash = run_dir.name
+        try:
+            self.conn = db.connect_writer(self.path)
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise SchemaError(f"{self.path}: cannot open for writing ({exc})") from None
+        try:
+            self.schema_version = db.migrate(self.conn)
+            self._columns = set(db.table_columns(self.conn, "dynamics"))
+            self._run_columns = set(db.table_columns(self.conn, "run"))
+        except (sqlite3.DatabaseError, SchemaError) as exc:
+            self.conn.close()
+            raise SchemaError(f"{self.path}: {exc}") from None
         self._steps: list[StepRow] = []
         self._run_updates: dict[str, Any] = {}
         self._run_counts: dict[str, int] = {}
-        self.run_hash = run_dir.name
         self.last_write = time.monotonic()
         self.rows_written = 0
 
@@ -57,36 +85,62 @@ class RunStore:
         self._steps.append(row)
 
     def update_run(self, **values: Any) -> None:
+        unknown = set(values) - self._run_columns
+        if unknown:
+            raise ValueError(f"run table has no column(s) {sorted(unknown)}")
         self._run_updates.update(values)
 
     def count(self, key: str, n: int = 1) -> None:
         """Add to a counter column of the run table (`messages`, `rejected`)."""
+        if key not in _COUNTERS:
+            raise ValueError(f"run table has no counter {key!r}; expected one of {_COUNTERS}")
         self._run_counts[key] = self._run_counts.get(key, 0) + n
 
     @property
     def pending(self) -> int:
         return len(self._steps) + bool(self._run_updates or self._run_counts)
 
+    def read_run(self) -> dict[str, Any] | None:
+        """The run table's row as committed (what a restarted collector continues from)."""
+        return db.read_run(self.conn)
+
     # --- flushing ------------------------------------------------------------------------------
 
     def flush(self) -> list[StepRow]:
-        """Write everything buffered in one transaction; returns the step rows written."""
+        """Write everything buffered in one transaction; returns the step rows written.
+
+        On a database error nothing is lost: the buffers are restored and the error raised.
+        """
         if not self.pending:
             return []
         steps, self._steps = self._steps, []
         updates, self._run_updates = self._run_updates, {}
         counts, self._run_counts = self._run_counts, {}
-        n_experts = max((len(r.layer_mean.get("norm", [])) for r in steps), default=0)
-        self._ensure_expert_columns(min(n_experts, MAX_EXPERTS))
+        try:
+            written = self._write(steps, updates, counts)
+        except sqlite3.Error:
+            self._steps = steps + self._steps
+            self._run_updates = {**updates, **self._run_updates}
+            for key, n in counts.items():
+                self._run_counts[key] = self._run_counts.get(key, 0) + n
+            raise
+        self.rows_written += len(written)
+        self.last_write = time.monotonic()
+        return written
+
+    def _write(
+        self, steps: list[StepRow], updates: dict[str, Any], counts: dict[str, int]
+    ) -> list[StepRow]:
+        rows = _latest_per_step(steps)
+        self._ensure_expert_columns(min(max((r.n_experts for r in rows), default=0), MAX_EXPERTS))
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            for row in steps:
-                self._write_step(row)
+            rows = self._drop_superseded(rows)
+            self._write_steps(rows)
+            self._write_layers(rows)
             if updates or counts:
                 self._write_run(updates, counts)
-        self.rows_written += len(steps)
-        self.last_write = time.monotonic()
-        return steps
+        return rows
 
     def _ensure_expert_columns(self, n_experts: int) -> None:
         missing = [
@@ -95,64 +149,84 @@ class RunStore:
         if not missing:
             return
         with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
             for column in missing:
                 self.conn.execute(f"ALTER TABLE dynamics ADD COLUMN {db.quote(column)} REAL")
-                self._columns.add(column)
+        self._columns.update(missing)
 
-    def _write_step(self, row: StepRow) -> None:
-        values: dict[str, Any] = {
-            "step": row.step,
-            "loss": row.loss,
-            "val_loss": row.val_loss,
-            "lr": row.lr,
-            "ranks_reported": row.ranks_reported,
-            "rank_spread": row.rank_spread,
-            "nonfinite": row.nonfinite,
-            "updated": time.time(),
-        }
-        for metric, per_expert in row.layer_mean.items():
-            if metric not in db.WIDE_METRICS:
+    def _drop_superseded(self, rows: list[StepRow]) -> list[StepRow]:
+        """Partial rows (fewer ranks than the world size) never replace a row with more ranks."""
+        partial = [r.step for r in rows if r.ranks_reported < r.world_size]
+        if not partial:
+            return rows
+        stored: dict[int, int] = {}
+        for chunk in range(0, len(partial), 500):
+            part = partial[chunk : chunk + 500]
+            stored.update(
+                self.conn.execute(
+                    "SELECT step, ranks_reported FROM dynamics "
+                    f"WHERE step IN ({', '.join('?' * len(part))})",
+                    part,
+                ).fetchall()
+            )
+        return [r for r in rows if (stored.get(r.step) or 0) <= r.ranks_reported]
+
+    def _write_steps(self, rows: list[StepRow]) -> None:
+        """One executemany per column set (rows of a run almost always share one)."""
+        now = time.time()
+        groups: dict[tuple[str, ...], list[list[Any]]] = {}
+        for row in rows:
+            names, values = self._step_values(row, now)
+            groups.setdefault(names, []).append(values)
+        for names, records in groups.items():
+            self.conn.executemany(_upsert_sql(names), records)
+
+    def _step_values(self, row: StepRow, now: float) -> tuple[tuple[str, ...], list[Any]]:
+        names = ["step", *db.STEP_COLUMNS]
+        values: list[Any] = [
+            row.step,
+            row.loss,
+            row.val_loss,
+            row.lr,
+            row.ranks_reported,
+            row.rank_spread,
+            row.nonfinite,
+            now,
+        ]
+        for metric in db.WIDE_METRICS:
+            per_expert = row.layer_mean.get(metric)
+            if per_expert is None:
                 continue
             for expert, value in enumerate(per_expert):
-                column = db.expert_column(expert, metric)
+                column = _column_name(expert, metric)
                 if column in self._columns:
-                    values[column] = value
-        # A step reported again without val_loss keeps the val_loss it had.
-        keep_if_null = {"val_loss", "lr", "loss"}
-        names = list(values)
-        assignments = ", ".join(
-            f"{db.quote(n)}=coalesce(excluded.{db.quote(n)}, {db.quote(n)})"
-            if n in keep_if_null
-            else f"{db.quote(n)}=excluded.{db.quote(n)}"
-            for n in names
-            if n != "step"
-        )
-        self.conn.execute(
-            f"INSERT INTO dynamics ({', '.join(map(db.quote, names))}) "
-            f"VALUES ({', '.join('?' * len(names))}) ON CONFLICT(step) DO UPDATE SET {assignments}",
-            list(values.values()),
-        )
-        self._write_layers(row)
+                    names.append(column)
+                    values.append(value)
+        return tuple(names), values
 
-    def _write_layers(self, row: StepRow) -> None:
-        metrics = [m for m in EXPERT_METRICS if m in row.per_layer]
-        if not metrics:
-            return
-        first = row.per_layer[metrics[0]]
-        records = [
-            (row.step, layer, expert, *(row.per_layer[m][layer][expert] for m in metrics))
-            for layer in range(len(first))
-            for expert in range(len(first[layer]))
-        ]
-        cols = ", ".join(["step", "layer", "expert", *metrics])
-        self.conn.executemany(
-            f"INSERT OR REPLACE INTO layer_dynamics ({cols}) "
-            f"VALUES ({', '.join('?' * (3 + len(metrics)))})",
-            records,
-        )
+    def _write_layers(self, rows: list[StepRow]) -> None:
+        groups: dict[tuple[str, ...], list[tuple]] = {}
+        for row in rows:
+            metrics = tuple(m for m in EXPERT_METRICS if m in row.per_layer)
+            if not metrics:
+                continue
+            tables = [row.per_layer[m] for m in metrics]
+            records = groups.setdefault(metrics, [])
+            step = row.step
+            for layer, layer_rows in enumerate(zip(*tables, strict=True)):
+                for expert, values in enumerate(zip(*layer_rows, strict=True)):
+                    records.append((step, layer, expert, *values))
+        for metrics, records in groups.items():
+            cols = ", ".join(db.quote(c) for c in ("step", "layer", "expert", *metrics))
+            self.conn.executemany(
+                f"INSERT OR REPLACE INTO layer_dynamics ({cols}) "
+                f"VALUES ({', '.join('?' * (3 + len(metrics)))})",
+                records,
+            )
 
     def _write_run(self, updates: dict[str, Any], counts: dict[str, int]) -> None:
         run_hash = self.run_hash
+        updates = dict(updates)
         for key in ("config", "model", "versions"):
             if key in updates and not isinstance(updates[key], str):
                 updates[key] = json.dumps(updates[key], sort_keys=True, default=str)
@@ -163,18 +237,91 @@ class RunStore:
                 f"UPDATE run SET {sets} WHERE run_hash=?", [*updates.values(), run_hash]
             )
         for key, value in counts.items():
+            column = db.quote(key)  # one of _COUNTERS, checked in count()
             self.conn.execute(
-                f"UPDATE run SET {key}=coalesce({key}, 0)+? WHERE run_hash=?", (value, run_hash)
+                f"UPDATE run SET {column}=coalesce({column}, 0)+? WHERE run_hash=?",
+                (value, run_hash),
             )
 
-    def checkpoint(self) -> None:
-        """Fold the WAL back into the database so it stays bounded while readers come and go."""
+    # --- the WAL -------------------------------------------------------------------------------
+
+    @property
+    def wal_bytes(self) -> int:
         try:
-            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            return os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            return 0
+
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the database so it stays bounded while readers come and go.
+
+        A passive checkpoint never waits; if the WAL has still outgrown the journal size limit
+        (readers kept it from restarting), a RESTART checkpoint waits briefly for them, after
+        which the next write starts the WAL from its beginning and the file is truncated.
+        """
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if self.wal_bytes > db.JOURNAL_SIZE_LIMIT:
+                self.conn.execute(f"PRAGMA busy_timeout={RESTART_BUSY_MS}")
+                try:
+                    self.conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                finally:
+                    self.conn.execute(f"PRAGMA busy_timeout={db.BUSY_TIMEOUT_MS}")
         except sqlite3.OperationalError as exc:
             log.debug("store: checkpoint of %s skipped: %s", self.path, exc)
 
     def close(self) -> None:
+        """Flush (raising if that fails: the caller decides), checkpoint and close."""
         self.flush()
-        self.checkpoint()
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError as exc:
+            log.debug("store: final checkpoint of %s skipped: %s", self.path, exc)
         self.conn.close()
+
+
+def _latest_per_step(steps: list[StepRow]) -> list[StepRow]:
+    """One row per step: the one with most ranks, and of those the latest."""
+    if len(steps) < 2:
+        return steps
+    best: dict[int, StepRow] = {}
+    for row in steps:
+        held = best.get(row.step)
+        if held is None or row.ranks_reported >= held.ranks_reported:
+            best[row.step] = row
+    return list(best.values()) if len(best) < len(steps) else steps
+
+
+_COLUMN_NAMES: dict[tuple[int, str], str] = {}
+
+
+def _column_name(expert: int, metric: str) -> str:
+    """db.expert_column, memoised: it is on the hot path of every flush."""
+    key = (expert, metric)
+    name = _COLUMN_NAMES.get(key)
+    if name is None:
+        name = _COLUMN_NAMES[key] = db.expert_column(expert, metric)
+    return name
+
+
+_UPSERT_SQL: dict[tuple[str, ...], str] = {}
+
+
+def _upsert_sql(names: tuple[str, ...]) -> str:
+    """The dynamics upsert for one column set; a step reported again without val_loss (or
+    loss, lr) keeps the value it had."""
+    sql = _UPSERT_SQL.get(names)
+    if sql is None:
+        assignments = ", ".join(
+            f"{db.quote(n)}=coalesce(excluded.{db.quote(n)}, {db.quote(n)})"
+            if n in _KEEP_IF_NULL
+            else f"{db.quote(n)}=excluded.{db.quote(n)}"
+            for n in names
+            if n != "step"
+        )
+        sql = _UPSERT_SQL[names] = (
+            f"INSERT INTO dynamics ({', '.join(map(db.quote, names))}) "
+            f"VALUES ({', '.join('?' * len(names))}) "
+            f"ON CONFLICT(step) DO UPDATE SET {assignments}"
+        )
+    return sql

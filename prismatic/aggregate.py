@@ -22,10 +22,15 @@ def mean_over_layers(metrics: dict[str, Table]) -> dict[str, list[float | None]]
     missing values; counts (`nonfinite`) are summed instead."""
     out: dict[str, list[float | None]] = {}
     for name, table in metrics.items():
-        n_experts = max(len(row) for row in table)
-        columns = [[row[e] if e < len(row) else None for row in table] for e in range(n_experts)]
+        width = len(table[0])
+        if any(len(row) != width for row in table):  # ragged: pad the short layers
+            width = max(len(row) for row in table)
+            table = [row + [None] * (width - len(row)) for row in table]
+        columns = zip(*table, strict=True)
         if name in COUNT_METRICS:
-            out[name] = [sum(v for v in col if v is not None) for col in columns]
+            out[name] = [float(sum(v for v in col if v is not None)) for col in columns]
+        elif len(table) == 1:
+            out[name] = list(table[0])
         else:
             out[name] = [_mean(col) for col in columns]
     return out
@@ -36,48 +41,98 @@ def combine_ranks(
 ) -> tuple[dict[str, Table], float | None]:
     """Merge the same step from several ranks; returns (metrics, largest relative spread).
 
-    Data-parallel ranks hold synchronised gradients, so values should agree: the mean is stored
-    and the spread (max - min) / |mean| flags a desync. When ranks hold disjoint shards of each
-    parameter, a norm over the whole parameter is sqrt(sum of squares) over ranks, never a mean.
+    Data-parallel ranks hold synchronised gradients, so their gradient norms should agree: the
+    mean is stored and the largest (max - min) / |mean| over the norms flags a desync (routing
+    weights come from each rank's own batch and legitimately differ, so they do not count).
+
+    When ranks hold disjoint shards of every parameter, a norm over the whole parameter is
+    sqrt(sum of squares) over ranks, never a mean; divergence is recombined exactly from the
+    shards' dot products (cosine * norm * norm); counts add up. The spread is then None: there
+    is nothing that should agree.
     """
     if len(per_rank) == 1:
-        return per_rank[0], 0.0
-    names = set().union(*per_rank)
+        return per_rank[0], (None if shards else 0.0)
+    names = sorted(set().union(*per_rank))
+    n_layers = max(len(t) for m in per_rank for t in m.values())
+    n_experts = max(len(r) for m in per_rank for t in m.values() for r in t)
     merged: dict[str, Table] = {}
     spread = 0.0
-    for name in sorted(names):
-        tables = [m[name] for m in per_rank if name in m]
-        n_layers = max(len(t) for t in tables)
-        n_experts = max(len(r) for t in tables for r in t)
+    for name in names:
         merged[name] = []
         for layer in range(n_layers):
-            row = []
+            row: list[float | None] = []
             for expert in range(n_experts):
-                values = [
-                    t[layer][expert]
-                    for t in tables
-                    if layer < len(t) and expert < len(t[layer]) and t[layer][expert] is not None
-                ]
+                values = _values_at(per_rank, name, layer, expert)
                 value, s = _combine(name, values, shards)
                 spread = max(spread, s)
                 row.append(value)
             merged[name].append(row)
-    return merged, spread
+    if shards and "divergence" in merged and "norm" in merged:
+        merged["divergence"] = _shard_divergence(per_rank, merged["norm"], n_layers, n_experts)
+    return merged, (None if shards else spread)
+
+
+def _values_at(per_rank: Sequence[dict[str, Table]], name: str, layer: int, expert: int) -> list:
+    out = []
+    for metrics in per_rank:
+        table = metrics.get(name)
+        if table is None or layer >= len(table) or expert >= len(table[layer]):
+            continue
+        value = table[layer][expert]
+        if value is not None:
+            out.append(value)
+    return out
 
 
 def _combine(name: str, values: list[float], shards: bool) -> tuple[float | None, float]:
     if not values:
         return None, 0.0
     if name in COUNT_METRICS:
-        return float(sum(values)), 0.0
+        # Shards count disjoint values; data-parallel replicas count the same ones again.
+        return float(sum(values) if shards else max(values)), 0.0
     if shards and name in NORM_METRICS:
         return math.sqrt(sum(v * v for v in values)), 0.0
     mean = sum(values) / len(values)
-    if shards or len(values) < 2:
+    if shards or name not in NORM_METRICS or len(values) < 2:
         return mean, 0.0
     scale = abs(mean)
     spread = (max(values) - min(values)) / scale if scale > 0 else 0.0
     return mean, spread
+
+
+def _shard_divergence(
+    per_rank: Sequence[dict[str, Table]], total_norm: Table, n_layers: int, n_experts: int
+) -> Table:
+    """1 - cos over the whole parameter, from each shard's divergence and norms:
+    cos = sum_s (1 - d_s) * |g_k,s| * |g_0,s| / (|g_k| * |g_0|)."""
+    out: Table = []
+    for layer in range(n_layers):
+        row: list[float | None] = [None]  # expert 0 has no divergence to itself
+        for expert in range(1, n_experts):
+            dot = 0.0
+            for metrics in per_rank:
+                d = _at(metrics, "divergence", layer, expert)
+                nk = _at(metrics, "norm", layer, expert)
+                n0 = _at(metrics, "norm", layer, 0)
+                if d is None or nk is None or n0 is None:
+                    if nk and n0:  # a shard with gradient but no divergence: cannot recombine
+                        dot = math.nan
+                    continue
+                dot += (1.0 - d) * nk * n0
+            whole_k, whole_0 = total_norm[layer][expert], total_norm[layer][0]
+            if not whole_k or not whole_0 or math.isnan(dot):
+                row.append(None)
+            else:
+                row.append(1.0 - dot / (whole_k * whole_0))
+        out.append(row[:n_experts])
+    return out
+
+
+def _at(metrics: dict[str, Table], name: str, layer: int, expert: int) -> float | None:
+    table = metrics.get(name)
+    if table is None or layer >= len(table) or expert >= len(table[layer]):
+        return None
+    return table[layer][expert]
 
 
 def note_dict(layer_mean: dict[str, list[float | None]]) -> dict:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="collector + trainers + dashboard as local processes")
     up.add_argument(
-        "configs", nargs="*", help="configs to train (default: the baseline and a scale-0 control)"
+        "configs", nargs="*", help="configs to train (default: the stack in configs/stack.yaml)"
     )
     up.add_argument("--steps", type=_positive_int, help="override train.steps for every run")
     up.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
@@ -123,8 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_loopback(address: str) -> bool:
+    import ipaddress
+
     host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host or interface name (127.0.0.1.example.com): could be anything
+        return False
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -137,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from collector.service import Collector
+    from collector.service import Collector, serve
     from prismatic.errors import ConfigError
 
     if args.replay:
@@ -162,24 +167,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
         stale_after_s=args.stale_after,
         curve=curve,
     )
-    _stop_on_signals(collector.stop)
-    collector.run()
-    return 0
-
-
-def _stop_on_signals(stop) -> None:
-    """First SIGTERM/SIGINT: stop cleanly (flush, commit). A second one: exit at once."""
-    received = []
-
-    def handler(signum, frame):
-        if received:
-            os._exit(128 + signum)
-        received.append(signum)
-        log.info("collector: %s received; flushing and stopping", signal.Signals(signum).name)
-        stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    # First SIGTERM/SIGINT: stop, flush, commit, exit 0. A second one: exit at once.
+    return serve(collector)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@
 Every message is a map with `v` (schema version), `kind`, `run` (run hash), `rank` and `seq`
 (per-sender sequence number). See docs/protocol.md for the full description. `decode` turns
 bytes into a validated, normalised dict or raises `ProtocolError` whose `reason` is a short
-counted label (`bad_msgpack`, `unknown_kind`, ...).
+counted label (`bad_msgpack`, `unknown_kind`, ...; every label is in `REJECT_REASONS`).
 """
 
 from __future__ import annotations
@@ -35,18 +35,44 @@ EXPERT_METRICS = (
     "routing_weight",
     "nonfinite",
 )
-# Summed, not averaged, when layers or ranks are combined.
+# Summed, not averaged, when layers (or sharded ranks) are combined.
 COUNT_METRICS = ("nonfinite",)
+# Values of these can never be negative: a negative one is a corrupt message, not a measurement.
+NON_NEGATIVE_METRICS = frozenset((*TIER_METRICS, "norm", "weight_drift", "nonfinite"))
+_METRIC_SET = frozenset(EXPERT_METRICS)
 
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_STEP = 10**12
 MAX_LAYERS = 512
 MAX_EXPERTS = 256
 MAX_RANK = 4096
-RUN_HASH_RE = re.compile(r"^[0-9a-f]{9}$")
-_NOTE_EXPERT_RE = re.compile(r"^expert_(\d{1,3})$")
-_NOTE_DIVERGENCE_RE = re.compile(r"^expert_(\d{1,3})_divergence$")
+MAX_TREE_DEPTH = 16  # config, model and versions maps
+MAX_TREE_NODES = 20_000
+MAX_TEXT = 200  # host and name are cut to this many characters
+# Timestamps are seconds since the epoch; anything outside these years is not a clock reading.
+MIN_TS = 946_684_800.0  # 2000-01-01
+MAX_TS = 7_258_118_400.0  # 2200-01-01
+RUN_HASH_RE = re.compile(r"^[0-9a-f]{9}\Z")
+_NOTE_EXPERT_RE = re.compile(r"^expert_(\d{1,3})\Z")
+_NOTE_DIVERGENCE_RE = re.compile(r"^expert_(\d{1,3})_divergence\Z")
 _NOTE_METRIC_ALIASES = {"clean_norm": "norm", "perturbed_norm": "norm"}
+
+# Every reason `decode` / `validate` can reject with (docs/protocol.md explains each).
+REJECT_REASONS = (
+    "oversized",
+    "bad_msgpack",
+    "not_a_map",
+    "bad_version",
+    "unknown_kind",
+    "bad_run_hash",
+    "bad_field",
+    "absurd_step",
+    "unknown_metric",
+    "bad_shape",
+    "bad_value",
+    "too_deep",
+    "too_large",
+)
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -72,8 +98,8 @@ def decode(data: bytes) -> dict[str, Any]:
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError("oversized", f"{len(data)} bytes > {MAX_MESSAGE_BYTES}")
     try:
-        # Integer map keys are accepted (strict_map_key=False); msgpack bounds every container
-        # by the buffer length, which is already bounded above.
+        # Integer map keys are accepted (strict_map_key=False). msgpack bounds every container
+        # by the buffer length (bounded above) and nesting by its own stack (StackError).
         raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ProtocolError("bad_msgpack", type(exc).__name__) from None
@@ -81,16 +107,17 @@ def decode(data: bytes) -> dict[str, Any]:
 
 
 def validate(raw: Any) -> dict[str, Any]:
+    """A decoded map to a normalised message; raises ProtocolError(reason) if it is not one."""
     if not isinstance(raw, dict):
         raise ProtocolError("not_a_map", type(raw).__name__)
     version = raw.get("v")
-    if version != WIRE_VERSION:
-        raise ProtocolError("bad_version", f"v={version!r}, accepted {WIRE_VERSION}")
+    if type(version) is not int or version != WIRE_VERSION:
+        raise ProtocolError("bad_version", f"v={repr(version)[:40]}, accepted {WIRE_VERSION}")
     kind = raw.get("kind")
-    if kind not in KINDS:
+    if type(kind) is not str or kind not in KINDS:
         raise ProtocolError("unknown_kind", repr(kind)[:40])
     run = raw.get("run")
-    if not isinstance(run, str) or not RUN_HASH_RE.match(run):
+    if type(run) is not str or not RUN_HASH_RE.match(run):
         raise ProtocolError("bad_run_hash", repr(run)[:40])
     msg: dict[str, Any] = {
         "v": version,
@@ -98,7 +125,7 @@ def validate(raw: Any) -> dict[str, Any]:
         "run": run,
         "rank": _int_field(raw, "rank", 0, MAX_RANK),
         "seq": _int_field(raw, "seq", 0, 2**63 - 1),
-        "ts": _float_field(raw, "ts", required=False),
+        "ts": _timestamp(raw),
         # Where this message starts in its sender's spool file: lets the collector see gaps
         # across trainer restarts (seq restarts at 0) and replay only the bytes it missed.
         "spool_offset": _int_field(raw, "spool_offset", 0, 2**63 - 1, required=False),
@@ -116,24 +143,32 @@ def _int_field(raw: dict, name: str, low: int, high: int, required: bool = True)
     value = raw.get(name)
     if value is None and not required:
         return None
-    if not isinstance(value, int) or isinstance(value, bool):
+    if type(value) is not int:  # bool is a subclass of int: excluded on purpose
         raise ProtocolError("bad_field", f"{name}={repr(value)[:40]}")
     if not low <= value <= high:
-        reason = "absurd_step" if name == "step" else "bad_field"
+        reason = "absurd_step" if name in ("step", "last_step") else "bad_field"
         raise ProtocolError(reason, f"{name}={value}")
     return value
 
 
-def _float_field(raw: dict, name: str, required: bool = True) -> float | None:
+def _timestamp(raw: dict) -> float | None:
+    value = raw.get("ts")
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not MIN_TS <= value <= MAX_TS:
+        raise ProtocolError("bad_field", f"ts={repr(value)[:40]}")
+    return float(value)
+
+
+def _scalar(raw: dict, name: str) -> tuple[float | None, int]:
+    """An optional number; NaN/Inf become None and are counted (the second value)."""
     value = raw.get(name)
     if value is None:
-        if required:
-            raise ProtocolError("bad_field", f"{name} missing")
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None, 0
+    if type(value) not in (int, float):
         raise ProtocolError("bad_field", f"{name}={repr(value)[:40]}")
     value = float(value)
-    return value if math.isfinite(value) else None
+    return (value, 0) if math.isfinite(value) else (None, 1)
 
 
 def _validate_run_start(raw: dict) -> dict[str, Any]:
@@ -141,26 +176,56 @@ def _validate_run_start(raw: dict) -> dict[str, Any]:
     model = raw.get("model")
     if not isinstance(config, dict) or not isinstance(model, dict):
         raise ProtocolError("bad_field", "run_start needs maps config and model")
-    world_size = _int_field(raw, "world_size", 1, MAX_RANK + 1)
+    versions = raw.get("versions", {})
+    if not isinstance(versions, dict):
+        raise ProtocolError("bad_field", f"versions={repr(versions)[:40]}")
     host = raw.get("host", "")
     name = raw.get("name", "")
-    if not isinstance(host, str) or not isinstance(name, str):
+    if type(host) is not str or type(name) is not str:
         raise ProtocolError("bad_field", "host and name must be strings")
+    shards = raw.get("shards", False)
+    if type(shards) is not bool:
+        raise ProtocolError("bad_field", f"shards={repr(shards)[:40]}")
+    budget = [MAX_TREE_NODES]
     return {
-        "config": config,
-        "model": model,
-        "world_size": world_size,
-        "shards": bool(raw.get("shards", False)),
-        "host": host[:200],
-        "name": name[:200],
+        "config": plain_tree(config, budget),
+        "model": plain_tree(model, budget),
+        "world_size": _int_field(raw, "world_size", 1, MAX_RANK + 1),
+        "shards": shards,
+        "host": host[:MAX_TEXT],
+        "name": name[:MAX_TEXT],
         "pid": _int_field(raw, "pid", 0, 2**31, required=False),
-        "versions": raw.get("versions") if isinstance(raw.get("versions"), dict) else {},
+        "versions": plain_tree(versions, budget),
     }
+
+
+def plain_tree(value: Any, budget: list[int], depth: int = 0) -> Any:
+    """A copy of a config-like tree that JSON can always hold: string keys, finite numbers,
+    bounded depth (`too_deep`) and size (`too_large`); other types are `bad_field`."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ProtocolError("too_large", f"more than {MAX_TREE_NODES} values in a map")
+    if value is None or type(value) in (str, bool, int):
+        return value
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if depth >= MAX_TREE_DEPTH:
+        raise ProtocolError("too_deep", f"maps or lists nested deeper than {MAX_TREE_DEPTH}")
+    if isinstance(value, list):
+        return [plain_tree(v, budget, depth + 1) for v in value]
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if type(key) not in (str, int, float, bool) and key is not None:
+                raise ProtocolError("bad_field", f"map key {repr(key)[:40]}")
+            out[str(key)] = plain_tree(item, budget, depth + 1)
+        return out
+    raise ProtocolError("bad_field", f"value of type {type(value).__name__} in a map")
 
 
 def _validate_run_end(raw: dict) -> dict[str, Any]:
     status = raw.get("status")
-    if status not in END_STATUSES:
+    if type(status) is not str or status not in END_STATUSES:
         raise ProtocolError("bad_field", f"status={repr(status)[:40]}")
     return {
         "status": status,
@@ -171,58 +236,88 @@ def _validate_run_end(raw: dict) -> dict[str, Any]:
 
 
 def _validate_dynamics(raw: dict) -> dict[str, Any]:
+    loss, bad_loss = _scalar(raw, "loss")
+    val_loss, bad_val = _scalar(raw, "val_loss")
+    lr, bad_lr = _scalar(raw, "lr")
     out: dict[str, Any] = {
         "step": _int_field(raw, "step", 0, MAX_STEP),
-        "loss": _float_field(raw, "loss", required=False),
-        "val_loss": _float_field(raw, "val_loss", required=False),
-        "lr": _float_field(raw, "lr", required=False),
+        "loss": loss,
+        "val_loss": val_loss,
+        "lr": lr,
     }
     if "metrics" in raw:
-        metrics, nonfinite = _validate_metrics(raw["metrics"])
+        metrics, nonfinite = validate_metrics(raw["metrics"])
     elif "expert_gradients" in raw:
-        metrics, nonfinite = _validate_metrics(_from_design_note(raw))
+        metrics, nonfinite = validate_metrics(_from_design_note(raw))
     else:
         raise ProtocolError("bad_field", "dynamics needs metrics or expert_gradients")
     out["metrics"] = metrics
-    out["nonfinite_values"] = nonfinite
+    out["nonfinite_values"] = nonfinite + bad_loss + bad_val + bad_lr
     return out
 
 
-def _validate_metrics(metrics: Any) -> tuple[dict[str, list[list[float | None]]], int]:
-    """metrics: {name: [[value per expert] per layer]}; NaN/Inf become None and are counted."""
+def validate_metrics(metrics: Any) -> tuple[dict[str, list[list[float | None]]], int]:
+    """metrics: {name: [[value per expert] per layer]}, every table the same shape.
+
+    Returns the clean tables and how many NaN/Inf values were turned into None.
+    """
     if not isinstance(metrics, dict) or not metrics:
         raise ProtocolError("bad_field", "metrics must be a non-empty map")
     shape: tuple[int, int] | None = None
     clean: dict[str, list[list[float | None]]] = {}
     nonfinite = 0
     for name, table in metrics.items():
-        if name not in EXPERT_METRICS:
+        if type(name) is not str or name not in _METRIC_SET:
             raise ProtocolError("unknown_metric", repr(name)[:40])
-        if not isinstance(table, list) or not 0 < len(table) <= MAX_LAYERS:
+        if type(table) is not list or not 0 < len(table) <= MAX_LAYERS:
             raise ProtocolError("bad_shape", f"{name}: expected 1..{MAX_LAYERS} layers")
-        rows = []
-        for row in table:
-            if not isinstance(row, list) or not 0 < len(row) <= MAX_EXPERTS:
-                raise ProtocolError("bad_shape", f"{name}: expected 1..{MAX_EXPERTS} experts")
-            values = []
-            for value in row:
-                if value is None:
-                    values.append(None)
-                    continue
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
-                    raise ProtocolError("bad_value", f"{name}: {repr(value)[:40]}")
-                if not math.isfinite(value):
-                    nonfinite += 1
-                    values.append(None)
-                    continue
-                values.append(float(value))
-            rows.append(values)
+        rows, bad = _validate_table(name, table)
         this_shape = (len(rows), len(rows[0]))
         if any(len(r) != this_shape[1] for r in rows) or (shape and shape != this_shape):
             raise ProtocolError("bad_shape", f"{name}: layers or experts differ between metrics")
         shape = this_shape
         clean[name] = rows
+        nonfinite += bad
     return clean, nonfinite
+
+
+def _validate_table(name: str, table: list) -> tuple[list[list[float | None]], int]:
+    non_negative = name in NON_NEGATIVE_METRICS
+    rows: list[list[float | None]] = []
+    nonfinite = 0
+    for row in table:
+        if type(row) is not list or not 0 < len(row) <= MAX_EXPERTS:
+            raise ProtocolError("bad_shape", f"{name}: expected 1..{MAX_EXPERTS} experts")
+        # Fast path (the trainer's messages): all floats, their sum finite (so each is finite).
+        if all(type(v) is float for v in row):
+            total = sum(row)
+            if total - total == 0.0 and not (non_negative and min(row) < 0.0):
+                rows.append(row)
+                continue
+        clean_row, bad = _clean_row(name, row, non_negative)
+        rows.append(clean_row)
+        nonfinite += bad
+    return rows, nonfinite
+
+
+def _clean_row(name: str, row: list, non_negative: bool) -> tuple[list[float | None], int]:
+    values: list[float | None] = []
+    nonfinite = 0
+    for value in row:
+        if value is None:
+            values.append(None)
+            continue
+        if type(value) not in (int, float):
+            raise ProtocolError("bad_value", f"{name}: {repr(value)[:40]}")
+        value = float(value)
+        if not math.isfinite(value):
+            nonfinite += 1
+            values.append(None)
+        elif non_negative and value < 0.0:
+            raise ProtocolError("bad_value", f"{name}: {value} < 0")
+        else:
+            values.append(value)
+    return values, nonfinite
 
 
 def _from_design_note(raw: dict) -> dict[str, list[list[Any]]]:
@@ -235,29 +330,29 @@ def _from_design_note(raw: dict) -> dict[str, list[list[Any]]]:
     for key, values in gradients.items():
         index = _note_expert_index(key)
         if not isinstance(values, dict):
-            raise ProtocolError("bad_field", f"expert_gradients[{key!r}] must be a map")
+            raise ProtocolError("bad_field", f"expert_gradients[{repr(key)[:40]}] must be a map")
         for metric, value in values.items():
-            name = _NOTE_METRIC_ALIASES.get(metric, metric)
-            if name not in EXPERT_METRICS:
+            name = _NOTE_METRIC_ALIASES.get(metric, metric) if type(metric) is str else metric
+            if type(name) is not str or name not in _METRIC_SET:
                 raise ProtocolError("unknown_metric", repr(metric)[:40])
             per_expert.setdefault(index, {})[name] = value
     for key, value in divergences.items():
-        match = _NOTE_DIVERGENCE_RE.match(key) if isinstance(key, str) else None
+        match = _NOTE_DIVERGENCE_RE.match(key) if type(key) is str else None
         index = int(match.group(1)) if match else _note_expert_index(key)
+        if index >= MAX_EXPERTS:
+            raise ProtocolError("bad_shape", f"expert {index} >= {MAX_EXPERTS}")
         per_expert.setdefault(index, {})["divergence"] = value
     if not per_expert:
         raise ProtocolError("bad_field", "expert_gradients is empty")
     n_experts = max(per_expert) + 1
-    if n_experts > MAX_EXPERTS:
-        raise ProtocolError("bad_shape", f"{n_experts} experts > {MAX_EXPERTS}")
     names = sorted({name for values in per_expert.values() for name in values})
     return {name: [[per_expert.get(i, {}).get(name) for i in range(n_experts)]] for name in names}
 
 
 def _note_expert_index(key: Any) -> int:
-    if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < MAX_EXPERTS:
+    if type(key) is int and 0 <= key < MAX_EXPERTS:
         return key
-    match = _NOTE_EXPERT_RE.match(key) if isinstance(key, str) else None
-    if not match:
+    match = _NOTE_EXPERT_RE.match(key) if type(key) is str else None
+    if not match or int(match.group(1)) >= MAX_EXPERTS:
         raise ProtocolError("bad_field", f"expert key {repr(key)[:40]}")
     return int(match.group(1))

@@ -1,0 +1,97 @@
+"""The collector's periodic work, each chore on its own interval: flush batched writes, write
+steps whose missing ranks timed out, mark silent runs stale, close idle databases, checkpoint
+WALs, log throughput, and let the spool watch replay what the socket missed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from prismatic.errors import SchemaError
+
+if TYPE_CHECKING:
+    from collector.service import Collector
+
+log = logging.getLogger(__name__)
+
+
+class Chores:
+    """The collector's periodic work, each on its own interval."""
+
+    def __init__(self, collector: Collector) -> None:
+        self.c = collector
+        now = time.monotonic()
+        self.last = dict.fromkeys(("flush", "timeouts", "stale", "idle", "wal", "stats"), now)
+        self.received_at_stats = 0
+        self.rows_at_stats = 0
+
+    def run_due(self) -> None:
+        c = self.c
+        now = time.monotonic()
+        if self._due("flush", c.flush_interval_s, now):
+            c.flush()
+        if self._due("timeouts", min(1.0, c.rank_timeout_s / 4), now):
+            for run_hash, row in c._pending.pop_expired(c.rank_timeout_s):
+                self._guarded(c._add_row, run_hash, row)
+        if self._due("stale", min(1.0, c.stale_after_s / 4), now):
+            self._mark_stale()
+        if self._due("idle", min(5.0, c.idle_close_s / 2), now):
+            self._close_idle(now)
+        if self._due("wal", 5.0, now):
+            for store in c._stores.values():
+                store.checkpoint()
+        if self._due("stats", c.stats_interval_s, now):
+            self._log_stats(now)
+        c.spools.run_due()
+
+    def _due(self, chore: str, interval: float, now: float) -> bool:
+        if now - self.last[chore] < interval:
+            return False
+        self.last[chore] = now
+        return True
+
+    def _guarded(self, action: Any, run_hash: str, *args: Any) -> None:
+        try:
+            action(run_hash, *args)
+        except SchemaError as exc:
+            self.c.reject("bad_database", str(exc))
+
+    def _mark_stale(self) -> None:
+        c = self.c
+        cutoff = time.time() - c.stale_after_s
+        for run_hash, state in c._runs.items():
+            if state.status == "live" and state.last_seen < cutoff:
+                state.status = "stale"
+                self._guarded(lambda h: c._store(h).update_run(status="stale"), run_hash)
+                log.info("collector: run %s is stale (silent for %.0fs)", run_hash, c.stale_after_s)
+
+    def _close_idle(self, now: float) -> None:
+        c = self.c
+        for run_hash, store in list(c._stores.items()):
+            if (
+                not store.pending
+                and now - store.last_write > c.idle_close_s
+                and not c._pending.has_run(run_hash)
+            ):
+                c._close_store(run_hash)
+
+    def _log_stats(self, now: float) -> None:
+        c = self.c
+        elapsed = c.stats_interval_s
+        rate = (c.stats.received - self.received_at_stats) / elapsed
+        rows = (c.stats.rows_written - self.rows_at_stats) / elapsed
+        self.received_at_stats = c.stats.received
+        self.rows_at_stats = c.stats.rows_written
+        live = sum(1 for s in c._runs.values() if s.status == "live")
+        log.info(
+            "collector: %.0f msg/s, %.0f rows/s, %d rows written, rejected %s, nonfinite %d, "
+            "%d live runs, %d open databases",
+            rate,
+            rows,
+            c.stats.rows_written,
+            dict(c.stats.rejected) or "none",
+            c.stats.nonfinite_values,
+            live,
+            len(c._stores),
+        )
