@@ -23,9 +23,9 @@ from prismatic.wire import EXPERT_METRICS, MAX_EXPERTS
 
 log = logging.getLogger(__name__)
 
-# The WAL is checkpointed harder (RESTART, waiting this long for readers) once it outgrows the
+# The WAL is checkpointed harder (TRUNCATE, waiting this long for readers) once it outgrows the
 # journal size limit: a passive checkpoint alone can be starved by readers that never pause.
-RESTART_BUSY_MS = 200
+TRUNCATE_BUSY_MS = 200
 _COUNTERS = ("messages", "rejected")
 _KEEP_IF_NULL = frozenset(("loss", "val_loss", "lr"))
 
@@ -255,16 +255,17 @@ class RunStore:
     def checkpoint(self) -> None:
         """Fold the WAL back into the database so it stays bounded while readers come and go.
 
-        A passive checkpoint never waits; if the WAL has still outgrown the journal size limit
-        (readers kept it from restarting), a RESTART checkpoint waits briefly for them, after
-        which the next write starts the WAL from its beginning and the file is truncated.
+        A passive checkpoint never waits. If the WAL has still outgrown the journal size limit
+        (a reader held an old snapshot while it grew), a TRUNCATE checkpoint waits briefly for
+        readers to move on and empties the file. A reader that never ends its transaction pins
+        the WAL whatever the writer does; the dashboard reads in short transactions.
         """
         try:
             self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             if self.wal_bytes > db.JOURNAL_SIZE_LIMIT:
-                self.conn.execute(f"PRAGMA busy_timeout={RESTART_BUSY_MS}")
+                self.conn.execute(f"PRAGMA busy_timeout={TRUNCATE_BUSY_MS}")
                 try:
-                    self.conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                 finally:
                     self.conn.execute(f"PRAGMA busy_timeout={db.BUSY_TIMEOUT_MS}")
         except sqlite3.OperationalError as exc:

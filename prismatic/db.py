@@ -79,14 +79,21 @@ def _m1_initial(conn: sqlite3.Connection) -> None:
     )
 
 
+def _m2_updated_index(conn: sqlite3.Connection) -> None:
+    # Readers poll for rows written since their last look (read_dynamics_changed).
+    conn.execute("CREATE INDEX dynamics_updated ON dynamics (updated)")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite3.Connection], None]]] = [
     (1, "initial: run, dynamics, layer_dynamics", _m1_initial),
+    (2, "index dynamics.updated for incremental reads", _m2_updated_index),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Apply every migration not yet recorded, each in its own transaction; return the version."""
+    """Apply every migration not yet recorded, each in its own transaction (the migration and
+    its record commit together or not at all); return the schema version."""
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations "
         "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
@@ -100,11 +107,19 @@ def migrate(conn: sqlite3.Connection) -> int:
     for version, name, apply in MIGRATIONS:
         if version in done:
             continue
-        with conn:
-            apply(conn)
-            conn.execute(
-                "INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, time.time())
-            )
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not conn.execute(
+                "SELECT 1 FROM schema_migrations WHERE version=?", (version,)
+            ).fetchone():
+                apply(conn)
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, time.time())
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
     return SCHEMA_VERSION
 
 
@@ -174,6 +189,18 @@ def read_run(conn: sqlite3.Connection) -> dict[str, Any] | None:
 
 def read_dynamics(conn: sqlite3.Connection, after_step: int = -1) -> tuple[list[str], list[tuple]]:
     cur = conn.execute("SELECT * FROM dynamics WHERE step > ? ORDER BY step", (after_step,))
+    return [d[0] for d in cur.description], cur.fetchall()
+
+
+def read_dynamics_changed(
+    conn: sqlite3.Connection, after_step: int, updated_after: float
+) -> tuple[list[str], list[tuple]]:
+    """Rows a reader holding steps <= after_step, written up to `updated_after`, lacks: newer
+    steps, plus older steps written again since (a late rank, a replay)."""
+    cur = conn.execute(
+        "SELECT * FROM dynamics WHERE step > ? OR updated > ? ORDER BY step",
+        (after_step, updated_after),
+    )
     return [d[0] for d in cur.description], cur.fetchall()
 
 
