@@ -47,6 +47,9 @@ def test_up_trains_two_runs_and_leaves_finite_positive_norms_for_three_experts(t
         "-m",
         "prismatic.cli",
         "up",
+        # The two runs named explicitly: a bare `up` starts the whole stack (configs/stack.yaml).
+        "configs/default.yaml",
+        "configs/control-scale0.yaml",
         "--steps",
         "12",
         "--runs-dir",

@@ -1,0 +1,220 @@
+"""`prismatic up` with real processes: the whole stack, several configs to one collector,
+clean stops on SIGTERM (no orphans), and refusals before anything starts."""
+
+from __future__ import annotations
+
+import math
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from prismatic.config import load_config, run_hash
+from prismatic.up import load_stack, plan_trainers, trainer_command
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.seq_len=16",
+    "train.batch_size=2",
+    "data.max_bytes=20000",
+    "dynamics.log_freq=1",
+    "train.eval_every=0",
+    "train.checkpoint_every=0",
+]
+NORMS = [f"expert_{e}_{t}_norm" for e in range(3) for t in ("top", "bottom", "middle")] + [
+    "expert_0_clean_norm",
+    "expert_1_perturbed_norm",
+    "expert_2_perturbed_norm",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def up_command(runs: Path, *configs: str, steps: int, dashboard_port: int | None = None):
+    argv = [sys.executable, "-m", "prismatic.cli", "up", *configs, "--steps", str(steps)]
+    argv += ["--runs-dir", str(runs), "--collector-port", str(free_port())]
+    argv += ["--port", str(dashboard_port)] if dashboard_port else ["--no-dashboard"]
+    return argv + [a for o in TINY for a in ("--set", o)]
+
+
+def read_db(path: Path, sql: str) -> list[tuple]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def steps_written(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    try:
+        return read_db(path, "SELECT count(*) FROM dynamics")[0][0]
+    except sqlite3.Error:  # created but not yet migrated
+        return 0
+
+
+def hashes(*configs: str, steps: int) -> list[str]:
+    overrides = [*TINY, f"train.steps={steps}"]
+    return [run_hash(load_config(REPO / c, overrides)) for c in configs]
+
+
+# --- before anything starts --------------------------------------------------------------------
+
+
+def test_trainer_command_uses_torchrun_with_one_process_per_rank():
+    by_world = {spec.world_size: spec for spec in plan_trainers([], [])}
+    plain = trainer_command(by_world[1], "tcp://127.0.0.1:1", "runs", ["train.steps=3"])
+    assert plain[1:4] == ["-m", "prismatic.cli", "train"]
+    assert plain[-2:] == ["--set", "train.steps=3"]
+    ddp = trainer_command(by_world[2], "tcp://127.0.0.1:1", "runs", [])
+    assert ddp[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    assert ddp[5] == "2" and ddp[6:9] == ["-m", "prismatic.cli", "train"]
+
+
+def test_a_bare_up_plans_the_stack_and_overrides_reach_every_run():
+    specs = plan_trainers([], ["train.steps=7"])
+    assert [s.config for s in specs] == list(load_stack().values())
+    for spec in specs:
+        cfg = load_config(spec.config, ["train.steps=7"])
+        assert spec.label == f"{cfg.name} {run_hash(cfg)}"
+
+
+def test_up_refuses_a_collector_port_in_use_and_starts_nothing(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = [sys.executable, "-m", "prismatic.cli", "up", "configs/default.yaml"]
+        argv += ["--no-dashboard", "--collector-port", str(port), "--runs-dir", str(tmp_path)]
+        result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"prismatic: error: --collector-port: {port} is in use on 127.0.0.1; pick another port"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_up_validates_every_config_before_starting_anything(tmp_path):
+    argv = [sys.executable, "-m", "prismatic.cli", "up", "configs/default.yaml"]
+    argv += ["configs/smear.yaml", "--set", "model.mixing=blend", "--runs-dir", str(tmp_path)]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("prismatic: error: model.mixing: 'blend' is not accepted")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_bare_up_trains_the_whole_stack_into_one_collector(tmp_path):
+    """From another folder, so the stack's config paths must resolve against the repository."""
+    runs = tmp_path / "runs"
+    result = subprocess.run(
+        up_command(runs, steps=3),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    stack = [str(p) for p in load_stack().values()]
+    expected = hashes(*stack, steps=3)
+    assert sorted(p.name for p in runs.iterdir()) == sorted(expected)
+    for path in stack:
+        cfg = load_config(path, [*TINY, "train.steps=3"])
+        db = runs / run_hash(cfg) / "dynamics.db"
+        rows = read_db(db, f"SELECT step, ranks_reported, {', '.join(NORMS)} FROM dynamics")
+        assert [r[0] for r in rows] == [0, 1, 2], path
+        for step, ranks, *norms in rows:
+            assert ranks == cfg.train.world_size, (path, step)
+            assert all(v is not None and math.isfinite(v) and v > 0 for v in norms), (path, step)
+        status, world = read_db(db, "SELECT status, world_size FROM run")[0]
+        assert (status, world) == ("completed", cfg.train.world_size)
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return alive
+
+
+@pytest.mark.slow
+def test_sigterm_stops_trainers_ranks_collector_and_dashboard_with_no_orphans(tmp_path):
+    runs = tmp_path / "runs"
+    configs = ("configs/default.yaml", "configs/data-parallel-2.yaml")
+    proc = subprocess.Popen(
+        up_command(runs, *configs, steps=100_000, dashboard_port=free_port()),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    dbs = [runs / h / "dynamics.db" for h in hashes(*configs, steps=100_000)]
+    try:
+        deadline = time.monotonic() + 240
+        while not all(steps_written(db) for db in dbs):
+            assert proc.poll() is None and time.monotonic() < deadline, "runs never started"
+            time.sleep(0.5)
+        children = descendants(proc.pid)
+        # collector, dashboard + Streamlit, a trainer, torchrun + its 2 ranks
+        assert len(children) >= 7, [c.cmdline() for c in children]
+
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = proc.wait(timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 128 + signal.SIGTERM
+    assert elapsed < 30, f"took {elapsed:.1f}s to stop"
+    assert wait_gone(children, timeout=5) == [], "orphans left behind"
+    for db in dbs:
+        # Every trainer (each rank) sent run_end before the collector flushed and stopped.
+        assert read_db(db, "SELECT status FROM run") == [("interrupted",)], db
+
+
+@pytest.mark.slow
+def test_a_second_signal_kills_every_child_at_once_even_a_frozen_trainer(tmp_path):
+    proc = subprocess.Popen(
+        up_command(tmp_path / "runs", "configs/default.yaml", steps=100_000),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(descendants(proc.pid)) < 2:  # the collector and the trainer
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        children = descendants(proc.pid)
+        trainer = next(c for c in children if "train" in c.cmdline())
+        trainer.suspend()  # a trainer that will not stop on its own
+
+        proc.send_signal(signal.SIGINT)
+        time.sleep(2.0)
+        assert proc.poll() is None, "the first signal waits for trainers to stop"
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 128 + signal.SIGINT
+    assert wait_gone(children, timeout=5) == []
