@@ -1,11 +1,13 @@
-"""The three questions of the design note, answered from the data with the numbers behind them.
+"""The design note's three questions, answered from the `dynamics` rows with the numbers behind
+each answer. Pure functions over a DataFrame: the page shows exactly what they return.
 
-Pure functions over the `dynamics` DataFrame, so the dashboard and the tests compute the same.
+Windows are counted in logged steps: the first and the recent window are each the first and the
+last quarter of the logged steps (at least 3). No verdict before MIN_POINTS logged steps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -15,25 +17,51 @@ from prismatic.db import expert_column
 MEANINGFUL = 0.05  # divergence above this: perturbed experts learn differently
 CONVERGING = 0.01  # below this: collapsing to consensus
 MIN_POINTS = 8  # logged steps needed before any verdict
-WINDOW_FRACTION = 0.25  # the recent window: the last quarter of logged steps (>= 3 points)
-WAKE_RATIO = 1.5  # perturbed bottom norm / clean bottom norm above this: waking up
+WINDOW_FRACTION = 0.25
+WAKE_RATIO = 1.5  # perturbed / clean bottom-tier norm at or above this: waking up
+SUSTAINED = 0.8  # recent >= 0.8 x first window: divergence sustained
+COLLAPSED = 0.5  # recent < 0.5 x first window and falling: collapsing
+QUESTIONS = (
+    "Are bottom weights waking up?",
+    "Is there genuine divergence?",
+    "Do perturbations cascade, or collapse to consensus?",
+)
+
+
+@dataclass
+class Number:
+    expert: int
+    quantity: str
+    value: float | None
 
 
 @dataclass
 class Answer:
     question: str
-    verdict: str  # "yes", "no", "mixed", "not enough data"
+    verdict: str  # yes / no / mixed (the third: sustained / collapsing / mixed), not enough
+    # data, not applicable
     summary: str
-    numbers: dict[str, float | None]
+    numbers: list[Number] = field(default_factory=list)
+
+    def value(self, expert: int, quantity: str) -> float | None:
+        found = (n.value for n in self.numbers if (n.expert, n.quantity) == (expert, quantity))
+        return next(found, None)
 
 
 def window_size(n: int) -> int:
     return max(3, int(round(n * WINDOW_FRACTION)))
 
 
-def _mean(series: pd.Series) -> float | None:
-    values = series.dropna()
-    return float(values.mean()) if len(values) else None
+def _mean(values: pd.Series | None) -> float | None:
+    if values is None:
+        return None
+    present = values.dropna()
+    return float(present.mean()) if len(present) else None
+
+
+def _column(df: pd.DataFrame, expert: int, metric: str) -> pd.Series | None:
+    name = expert_column(expert, metric)
+    return df[name] if name in df.columns else None
 
 
 def divergence_level(value: float | None) -> str:
@@ -50,138 +78,137 @@ def perturbed_experts(df: pd.DataFrame, n_experts: int) -> list[int]:
     return [e for e in range(1, n_experts) if expert_column(e, "divergence") in df.columns]
 
 
-def bottom_ratios(df: pd.DataFrame, n_experts: int) -> dict[int, float | None]:
-    recent = df.tail(window_size(len(df)))
-    clean = _mean(recent.get(expert_column(0, "bottom_norm"), pd.Series(dtype=float)))
-    out: dict[int, float | None] = {}
-    for e in range(1, n_experts):
-        mine = _mean(recent.get(expert_column(e, "bottom_norm"), pd.Series(dtype=float)))
-        out[e] = mine / clean if mine is not None and clean else None
-    return out
-
-
-def divergence_windows(df: pd.DataFrame, expert: int) -> tuple[float | None, float | None]:
-    """(first-window mean, recent-window mean) of one expert's divergence."""
-    column = df.get(expert_column(expert, "divergence"), pd.Series(dtype=float))
+def windows(df: pd.DataFrame, expert: int, metric: str) -> tuple[float | None, float | None]:
+    """(first-window mean, recent-window mean) of one expert's metric."""
+    column = _column(df, expert, metric)
+    if column is None:
+        return None, None
     w = window_size(len(df))
     return _mean(column.head(w)), _mean(column.tail(w))
 
 
-def slope_per_1k(df: pd.DataFrame, column: str) -> float | None:
-    if column not in df.columns:
+def slope_per_1k(df: pd.DataFrame, expert: int, metric: str) -> float | None:
+    """Least-squares slope of the metric against step, per 1,000 steps."""
+    column = _column(df, expert, metric)
+    if column is None:
         return None
-    data = df[["step", column]].dropna()
-    if len(data) < 2 or data["step"].nunique() < 2:
+    ok = column.notna().to_numpy()
+    steps = df["step"].to_numpy(dtype=float)[ok]
+    if len(steps) < 2 or np.ptp(steps) == 0:
         return None
-    slope = np.polyfit(data["step"].to_numpy(float), data[column].to_numpy(float), 1)[0]
-    return float(slope * 1000)
+    return float(np.polyfit(steps, column.to_numpy(dtype=float)[ok], 1)[0] * 1000)
 
 
-def answer_all(df: pd.DataFrame, n_experts: int) -> list[Answer]:
-    questions = (
-        "Are bottom weights waking up?",
-        "Is there genuine divergence?",
-        "Do perturbations cascade, or collapse to consensus?",
-    )
-    if len(df) < MIN_POINTS or n_experts < 2:
-        reason = (
-            f"{len(df)} logged step(s); a verdict needs at least {MIN_POINTS}."
-            if n_experts >= 2
-            else "This run has no perturbed expert (a dense control)."
+def answer_all(df: pd.DataFrame, n_experts: int, mixing: str = "") -> list[Answer]:
+    if n_experts < 2:
+        why = "This run has no perturbed expert (a dense control): nothing to compare."
+        return [Answer(q, "not enough data", why) for q in QUESTIONS]
+    if len(df) < MIN_POINTS:
+        why = f"{len(df)} logged step(s) so far; a verdict needs at least {MIN_POINTS}."
+        return [Answer(q, "not enough data", why) for q in QUESTIONS]
+    if mixing == "smear":
+        why = (
+            "Under `smear` mixing every expert's gradient is the same tensor scaled by its "
+            "routing weight, so directional divergence is zero by construction."
         )
-        return [Answer(q, "not enough data", reason, {}) for q in questions]
-    return [
-        _wake(df, n_experts, questions[0]),
-        _divergence(df, n_experts, questions[1]),
-        _cascade(df, n_experts, questions[2]),
-    ]
+        return [
+            wake(df, n_experts),
+            Answer(QUESTIONS[1], "not applicable", why),
+            Answer(QUESTIONS[2], "not applicable", why),
+        ]
+    return [wake(df, n_experts), divergence(df, n_experts), cascade(df, n_experts)]
 
 
-def _wake(df: pd.DataFrame, n_experts: int, question: str) -> Answer:
-    ratios = bottom_ratios(df, n_experts)
-    known = [r for r in ratios.values() if r is not None]
-    if not known:
-        return Answer(question, "not enough data", "No bottom-tier norms logged.", {})
-    woke = [r for r in known if r >= WAKE_RATIO]
-    verdict = "yes" if len(woke) == len(known) else "mixed" if woke else "no"
-    text = ", ".join(f"expert {e}: {r:.2f}×" for e, r in ratios.items() if r is not None)
+def wake(df: pd.DataFrame, n_experts: int) -> Answer:
+    _, clean = windows(df, 0, "bottom_norm")
+    numbers = [Number(0, "recent bottom norm", clean)]
+    ratios: dict[int, float] = {}
+    for e in range(1, n_experts):
+        _, mine = windows(df, e, "bottom_norm")
+        ratio = mine / clean if mine is not None and clean else None
+        numbers += [Number(e, "recent bottom norm", mine), Number(e, "bottom ratio", ratio)]
+        if ratio is not None:
+            ratios[e] = ratio
+    if not ratios:
+        return Answer(QUESTIONS[0], "not enough data", "No bottom-tier norms logged.", numbers)
+    woke = [e for e, r in ratios.items() if r >= WAKE_RATIO]
+    verdict = "yes" if len(woke) == len(ratios) else "mixed" if woke else "no"
+    text = ", ".join(f"expert {e}: {r:.2f}×" for e, r in ratios.items())
     summary = (
-        f"Recent-window bottom-tier norm, perturbed / clean: {text} "
+        f"Recent-window bottom-tier norm, perturbed ÷ clean: {text} "
         f"(≥ {WAKE_RATIO}× counts as waking up)."
     )
-    return Answer(question, verdict, summary, {f"bottom_ratio_{e}": r for e, r in ratios.items()})
+    return Answer(QUESTIONS[0], verdict, summary, numbers)
 
 
-def _divergence(df: pd.DataFrame, n_experts: int, question: str) -> Answer:
-    numbers: dict[str, float | None] = {}
-    levels = []
+def divergence(df: pd.DataFrame, n_experts: int) -> Answer:
+    numbers: list[Number] = []
+    levels: dict[int, tuple[float, str]] = {}
     for e in perturbed_experts(df, n_experts):
-        _, recent = divergence_windows(df, e)
-        numbers[f"divergence_{e}"] = recent
-        levels.append(divergence_level(recent))
-    if not levels or all(level == "unknown" for level in levels):
-        return Answer(question, "not enough data", "No divergence logged.", numbers)
-    verdict = (
-        "yes"
-        if all(level == "meaningful" for level in levels)
-        else "no"
-        if all(level == "converging" for level in levels)
-        else "mixed"
-    )
-    text = ", ".join(
-        f"expert {k.rsplit('_', 1)[1]}: {v:.4f}" for k, v in numbers.items() if v is not None
-    )
+        _, recent = windows(df, e, "divergence")
+        latest = _column(df, e, "divergence").dropna()  # type: ignore[union-attr]
+        numbers += [
+            Number(e, "recent divergence", recent),
+            Number(e, "latest divergence", float(latest.iloc[-1]) if len(latest) else None),
+        ]
+        if recent is not None:
+            levels[e] = (recent, divergence_level(recent))
+    if not levels:
+        return Answer(QUESTIONS[1], "not enough data", "No divergence logged.", numbers)
+    kinds = {level for _, level in levels.values()}
+    verdict = "yes" if kinds == {"meaningful"} else "no" if kinds == {"converging"} else "mixed"
+    text = ", ".join(f"expert {e}: {v:.4f} ({level})" for e, (v, level) in levels.items())
     summary = (
         f"Recent-window mean divergence (1 − cosine to expert 0): {text}; > {MEANINGFUL} is "
-        f"meaningful, < {CONVERGING} is converging."
+        f"meaningful, < {CONVERGING} is converging to consensus."
     )
-    return Answer(question, verdict, summary, numbers)
+    return Answer(QUESTIONS[1], verdict, summary, numbers)
 
 
-def _cascade(df: pd.DataFrame, n_experts: int, question: str) -> Answer:
-    numbers: dict[str, float | None] = {}
-    collapsing = sustained = 0
-    for e in perturbed_experts(df, n_experts):
-        first, last = divergence_windows(df, e)
-        slope = slope_per_1k(df, expert_column(e, "divergence"))
-        numbers.update(
-            {
-                f"first_{e}": first,
-                f"last_{e}": last,
-                f"slope_per_1k_{e}": slope,
-                f"drift_slope_per_1k_{e}": slope_per_1k(df, expert_column(e, "weight_drift")),
-            }
-        )
-        if first is None or last is None:
-            continue
-        if last < CONVERGING or (first > 0 and last < 0.5 * first and (slope or 0) < 0):
-            collapsing += 1
-        elif first <= 0 or last >= 0.8 * first:
-            sustained += 1
-    total = collapsing + sustained
-    verdict = (
-        "yes"
-        if sustained and not collapsing
-        else "no"
-        if collapsing and not sustained
-        else "mixed"
-        if total
-        else "not enough data"
-    )
+def cascade(df: pd.DataFrame, n_experts: int) -> Answer:
+    numbers: list[Number] = []
+    trends: dict[int, str] = {}
     parts = []
     for e in perturbed_experts(df, n_experts):
-        first, last, slope = (
-            numbers[f"first_{e}"],
-            numbers[f"last_{e}"],
-            numbers[f"slope_per_1k_{e}"],
+        first, recent = windows(df, e, "divergence")
+        slope = slope_per_1k(df, e, "divergence")
+        drift = slope_per_1k(df, e, "weight_drift")
+        numbers += [
+            Number(e, "first-window divergence", first),
+            Number(e, "recent divergence", recent),
+            Number(e, "divergence slope per 1k steps", slope),
+            Number(e, "weight drift slope per 1k steps", drift),
+        ]
+        if first is None or recent is None:
+            continue
+        trends[e] = _trend(first, recent, slope)
+        slope_text = f", slope {slope:+.4f}/1k steps" if slope is not None else ""
+        drift_text = f", weight drift {drift:+.4f}/1k steps" if drift is not None else ""
+        parts.append(
+            f"expert {e}: {first:.4f} → {recent:.4f}{slope_text}{drift_text} ({trends[e]})"
         )
-        if first is not None and last is not None:
-            slope_text = f", slope {slope:+.4f}/1k steps" if slope is not None else ""
-            parts.append(f"expert {e}: {first:.4f} → {last:.4f}{slope_text}")
+    if not trends:
+        return Answer(QUESTIONS[2], "not enough data", "No divergence logged.", numbers)
+    kinds = set(trends.values())
+    verdict = (
+        "sustained"
+        if kinds == {"sustained"}
+        else "collapsing"
+        if kinds == {"collapsing"}
+        else "mixed"
+    )
     summary = (
         "Divergence, first window → recent window: "
         + "; ".join(parts)
-        + ". Sustained = recent ≥ 0.8 × first; collapsing = recent < half of first and "
-        f"falling, or < {CONVERGING}."
+        + f". Sustained: recent ≥ {SUSTAINED} × first; collapsing: recent < {CONVERGING}, or "
+        f"< {COLLAPSED} × first with a falling slope."
     )
-    return Answer(question, verdict, summary, numbers)
+    return Answer(QUESTIONS[2], verdict, summary, numbers)
+
+
+def _trend(first: float, recent: float, slope: float | None) -> str:
+    if recent < CONVERGING or (recent < COLLAPSED * first and (slope or 0) < 0):
+        return "collapsing"
+    if recent >= SUSTAINED * first:
+        return "sustained"
+    return "fading"
