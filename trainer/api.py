@@ -95,7 +95,9 @@ class DynamicsReporter:
         spool_path: Path | None = None,
         publisher: Publisher | None = None,
     ) -> None:
-        self.probe = GradientProbe(model)
+        # Data-parallel ranks route different batches: average the routing weights over ranks
+        # so every rank reports the same values (the gradients are already synchronised).
+        self.probe = GradientProbe(model, average_routing_over_ranks=world_size > 1)
         self.log_freq = log_freq
         self.run_hash = run_hash or hash_config(config)
         self.publisher = publisher or Publisher(address, self.run_hash, rank, spool_path=spool_path)

@@ -35,6 +35,11 @@ class Prismatic(nn.Module):
       (every expert then gets the same gradient direction: divergence is 0 by construction);
     - `topk`: each token goes to its `top_k` most probable experts.
     With `num_experts=1` there is no router: the layer is the plain base MLP (the dense control).
+
+    `name` (e.g. "blocks.0.mlp") is folded into the perturbation seeds, so two layers built from
+    the same base shapes do not receive the same noise pattern. The base expert's buffers, if it
+    has any, are shared by all experts (they live in a template that follows `.to()` and
+    `.train()`); its parameters are cloned into `experts`.
     """
 
     def __init__(
@@ -48,8 +53,17 @@ class Prismatic(nn.Module):
         top_k: int = 1,
         expert_dropout: float = 0.1,
         d_model: int | None = None,
+        name: str = "",
     ) -> None:
         super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts {num_experts} must be 1 or more")
+        if not 0.0 <= sparsity <= 1.0:
+            raise ValueError(f"sparsity {sparsity} must be in [0, 1]")
+        if perturbation_scale < 0:
+            raise ValueError(f"perturbation_scale {perturbation_scale} must be 0 or more")
+        if not 0.0 <= expert_dropout < 1.0:
+            raise ValueError(f"expert_dropout {expert_dropout} must be in [0, 1)")
         if mixing not in MIXING_MODES:
             raise ValueError(f"mixing {mixing!r} is not one of {', '.join(MIXING_MODES)}")
         if perturbation_strategy not in STRATEGIES:
@@ -70,33 +84,37 @@ class Prismatic(nn.Module):
 
         # The template is not a registered submodule: its own parameters are never trained.
         self._template = [copy.deepcopy(base_expert).requires_grad_(False)]
-        self.param_names = [name for name, _ in base_expert.named_parameters()]
+        self.param_names = [param_name for param_name, _ in base_expert.named_parameters()]
         self.experts = nn.ParameterDict()
-        for name, weight in base_expert.named_parameters():
-            tiers = select_tiers(weight, self.sparsity)
-            key = self._key(name)
-            self.register_buffer(f"tier_top__{key}", tiers.top)
-            self.register_buffer(f"tier_bottom__{key}", tiers.bottom)
-            clones = [weight.detach().clone()]
-            for expert in range(1, num_experts):
-                clones.append(
-                    perturb(
-                        weight,
-                        tiers,
-                        expert=expert,
-                        param_name=name,
-                        scale=self.perturbation_scale,
-                        strategy=perturbation_strategy,
-                    )
-                )
-            self.experts[key] = nn.Parameter(torch.stack(clones))
+        for param_name, weight in base_expert.named_parameters():
+            self._add_stacked(param_name, weight, seed_name=f"{name}.{param_name}".lstrip("."))
         if num_experts > 1:
             self.router_norm = nn.LayerNorm(self.d_model)
             self.router = nn.Linear(self.d_model, num_experts)
-        # Mean router probability per expert over the last training batch: (num_experts,)
-        self.register_buffer(
-            "last_routing", torch.full((num_experts,), 1.0 / num_experts), persistent=False
-        )
+        # Router probabilities summed over the training tokens since the probe last read them,
+        # (num_experts,), and how many tokens that was; `take_routing` returns the mean.
+        self.register_buffer("routing_sum", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("routing_tokens", torch.zeros(()), persistent=False)
+
+    def _add_stacked(self, param_name: str, weight: torch.Tensor, seed_name: str) -> None:
+        """Tiers from the clean weight, then (num_experts, *shape): clean copy + perturbed ones."""
+        tiers = select_tiers(weight, self.sparsity)
+        key = self._key(param_name)
+        self.register_buffer(f"tier_top__{key}", tiers.top)
+        self.register_buffer(f"tier_bottom__{key}", tiers.bottom)
+        clones = [weight.detach().clone()]
+        for expert in range(1, self.num_experts):
+            clones.append(
+                perturb(
+                    weight,
+                    tiers,
+                    expert=expert,
+                    param_name=seed_name,
+                    scale=self.perturbation_scale,
+                    strategy=self.perturbation_strategy,
+                )
+            )
+        self.experts[key] = nn.Parameter(torch.stack(clones))
 
     @staticmethod
     def _key(name: str) -> str:
@@ -115,6 +133,34 @@ class Prismatic(nn.Module):
     def expert_parameters(self, expert: int) -> dict[str, torch.Tensor]:
         return {name: p[expert] for name, p in self.stacked_parameters()}
 
+    @torch.no_grad()
+    def take_routing(self) -> torch.Tensor:
+        """Mean router probability per expert since the last call, (num_experts,), and reset.
+
+        NaN when no training batch went through the router since (e.g. only eval batches). The
+        dense control (one expert, no router) always gives 1."""
+        if self.num_experts == 1:
+            return torch.ones(1, device=self.routing_sum.device)
+        mean = self.routing_sum / self.routing_tokens  # 0/0 = NaN: "not measured"
+        self.routing_sum.zero_()
+        self.routing_tokens.zero_()
+        return mean
+
+    # --- the template follows the module ------------------------------------------------------
+
+    def train(self, mode: bool = True) -> Prismatic:
+        super().train(mode)
+        self._template[0].train(mode)  # e.g. dropout inside the base expert
+        return self
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        self._template[0]._apply(fn)  # the template's buffers go where the experts go
+        # Routing sums stay float32 even in a .half() or .to(bfloat16) model.
+        self.routing_sum = self.routing_sum.float()
+        self.routing_tokens = self.routing_tokens.float()
+        return self
+
     # --- forward -------------------------------------------------------------------------------
 
     def _run_expert(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +169,9 @@ class Prismatic(nn.Module):
     def _routing(self, x: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(self.router(self.router_norm(x)), dim=-1)  # (..., E)
         if self.training:
-            self.last_routing = probs.detach().reshape(-1, self.num_experts).mean(0)
+            flat = probs.detach().reshape(-1, self.num_experts)
+            self.routing_sum += flat.sum(0).to(self.routing_sum.dtype)
+            self.routing_tokens += flat.shape[0]
         if self.training and self.expert_dropout > 0:
             keep = torch.rand_like(probs) >= self.expert_dropout
             dropped = probs * keep

@@ -10,7 +10,10 @@ import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,21 +81,32 @@ def evaluate(model: nn.Module, corpus: Corpus, cfg: ExperimentConfig, device) ->
     return sum(losses) / len(losses)
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, step: int, generator) -> None:
+def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "generator": generator.get_state(),
-        },
-        tmp,
-    )
+    torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-save never leaves a torn checkpoint
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the run like Ctrl-C: a checkpoint, then run_end "interrupted"."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Trainer:
+    """One run: `run()` trains from step 0 (or from the last checkpoint) to `train.steps`."""
+
     def __init__(
         self,
         cfg: ExperimentConfig,
@@ -107,6 +121,7 @@ class Trainer:
         self.collector = collector or cfg.dynamics.collector
         self.resume = resume
         self.device = torch.device(cfg.train.device)
+        self.completed_step = -1  # the last step whose optimizer update is done
         if cfg.train.threads:
             # Several trainers on one machine: one thread each (oversubscription is ~10x slower).
             torch.set_num_threads(cfg.train.threads)
@@ -118,17 +133,50 @@ class Trainer:
             (self.run_dir / db.CONFIG_NAME).write_text(dump_yaml(cfg), encoding="utf-8")
         self.corpus = Corpus.load(cfg.data, cfg.model.seq_len)
         self.model = build_model(cfg.model, cfg.seed).to(self.device)
+        # Same base weights on every rank (above); from here on each rank draws its own
+        # batches and dropout masks.
+        torch.manual_seed(cfg.seed * 1000 + self.dist.rank + 1)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
         )
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + self.dist.rank)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.start_step = 0
         if self.resume:
             self._load_checkpoint()
+        self.completed_step = self.start_step - 1
         self.wrapped: nn.Module = self.model
         if self.dist.world_size > 1:
-            self.wrapped = nn.parallel.DistributedDataParallel(self.model)
-        self.scaler = torch.amp.GradScaler(enabled=cfg.train.precision == "fp16")
+            # No buffer broadcast: the tiers are equal by construction and the routing sums are
+            # each rank's own (the probe averages them over ranks).
+            self.wrapped = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def _checkpoint_state(self, step: int) -> dict | None:
+        """Everything a resumed run needs, with every rank's random state; None off rank 0.
+
+        Under data-parallel training this is a collective: every rank must call it."""
+        rng = {"batches": self.generator.get_state(), "torch": torch.get_rng_state()}
+        ranks = [rng]
+        if self.dist.world_size > 1:
+            ranks = [{} for _ in range(self.dist.world_size)]
+            dist.all_gather_object(ranks, rng)
+        if self.dist.rank != 0:
+            return None
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": step,
+            "rng": ranks,
+        }
+
+    def _save_checkpoint(self, step: int) -> None:
+        state = self._checkpoint_state(step)
+        if state is not None:
+            save_checkpoint(self.run_dir / CHECKPOINT_NAME, state)
+            log.info("trainer: %s checkpoint at step %d", self.run_hash, step)
 
     def _load_checkpoint(self) -> None:
         path = self.run_dir / CHECKPOINT_NAME
@@ -137,9 +185,19 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"][self.dist.rank]
+        self.generator.set_state(rng["batches"])
+        torch.set_rng_state(rng["torch"])
         self.start_step = state["step"] + 1
-        log.info("trainer: resumed %s from step %d", self.run_hash, state["step"])
+        log.info("trainer: resumed %s after step %d", self.run_hash, state["step"])
+
+    def _maybe_checkpoint(self, step: int, last: int) -> None:
+        every = self.cfg.train.checkpoint_every
+        if every and (step % every == 0 or step == last):
+            self._save_checkpoint(step)
+
+    # --- the run -------------------------------------------------------------------------------
 
     def _reporter(self) -> DynamicsReporter | None:
         if not self.cfg.dynamics.enabled:
@@ -155,7 +213,7 @@ class Trainer:
             send_hwm=self.cfg.dynamics.send_hwm,
             curve=self._curve(),
         )
-        return DynamicsReporter(
+        reporter = DynamicsReporter(
             self.model,
             self.collector,
             config=to_dict(self.cfg),
@@ -165,6 +223,8 @@ class Trainer:
             world_size=self.dist.world_size,
             publisher=publisher,
         )
+        reporter.last_step = self.start_step - 1
+        return reporter
 
     def _curve(self) -> tuple[bytes, bytes, bytes] | None:
         from prismatic.keys import client_curve
@@ -177,10 +237,12 @@ class Trainer:
         reporter = self._reporter()
         status = "failed"
         try:
-            self._train(reporter)
+            with sigterm_as_interrupt():
+                self._train(reporter)
             status = "completed"
         except KeyboardInterrupt:
             status = "interrupted"
+            self._checkpoint_on_interrupt()
             raise
         finally:
             if reporter is not None:
@@ -188,6 +250,13 @@ class Trainer:
             if dist.is_initialized():
                 dist.destroy_process_group()
         return status
+
+    def _checkpoint_on_interrupt(self) -> None:
+        """Save the last completed step, so --resume repeats none. Single process only: ranks
+        are interrupted at different points, and the checkpoint is a collective."""
+        every = self.cfg.train.checkpoint_every
+        if every and self.dist.world_size == 1 and self.completed_step >= self.start_step:
+            self._save_checkpoint(self.completed_step)
 
     def _train(self, reporter: DynamicsReporter | None) -> None:
         cfg = self.cfg
@@ -216,6 +285,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            self.completed_step = step
 
             self._maybe_checkpoint(step, last)
             if self.dist.rank == 0:
@@ -223,7 +293,7 @@ class Trainer:
 
     def _accumulate(self) -> float:
         cfg = self.cfg
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         micro = cfg.train.grad_accum
         for i in range(micro):
             x, y = sample_batch(
@@ -234,11 +304,11 @@ class Trainer:
                 self.wrapped, nn.parallel.DistributedDataParallel
             )
             context = contextlib.nullcontext() if sync else self.wrapped.no_sync()
-            with context, _autocast(cfg, self.device):
+            with context, _autocast(self.cfg, self.device):
                 _, loss = self.wrapped(x.to(self.device), y.to(self.device))
                 loss = loss / micro
             self.scaler.scale(loss).backward()
-            total += loss.detach()
+            total += loss.detach().float()
         value = float(total)
         if not math.isfinite(value):
             log.warning("trainer: non-finite loss %s", value)
@@ -252,14 +322,6 @@ class Trainer:
         if self.dist.rank != 0:
             return None
         return evaluate(self.model, self.corpus, self.cfg, self.device)
-
-    def _maybe_checkpoint(self, step: int, last: int) -> None:
-        every = self.cfg.train.checkpoint_every
-        if self.dist.rank != 0 or not every or not (step % every == 0 or step == last):
-            return
-        save_checkpoint(
-            self.run_dir / CHECKPOINT_NAME, self.model, self.optimizer, step, self.generator
-        )
 
 
 def train(

@@ -50,13 +50,19 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def make_mlp_layer(cfg: ModelConfig) -> Prismatic:
+def make_mlp_layer(cfg: ModelConfig, name: str = "") -> Prismatic:
+    """The MLP of one block; `name` (its module path) makes its perturbation seeds its own."""
     base = MLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model)
     base.apply(_init_weights)  # before cloning: the experts and their tiers come from these weights
     if cfg.router_type == "dense":
         # The control: one expert and no router is exactly the plain MLP, probed as expert 0.
         return Prismatic(
-            base, num_experts=1, perturbation_scale=0.0, sparsity=cfg.sparsity, d_model=cfg.d_model
+            base,
+            num_experts=1,
+            perturbation_scale=0.0,
+            sparsity=cfg.sparsity,
+            d_model=cfg.d_model,
+            name=name,
         )
     return Prismatic(
         base,
@@ -68,16 +74,17 @@ def make_mlp_layer(cfg: ModelConfig) -> Prismatic:
         top_k=cfg.top_k,
         expert_dropout=cfg.expert_dropout,
         d_model=cfg.d_model,
+        name=name,
     )
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = SelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = make_mlp_layer(cfg)
+        self.mlp = make_mlp_layer(cfg, name=f"blocks.{index}.mlp")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -90,7 +97,7 @@ class ByteTransformer(nn.Module):
         self.cfg = cfg
         self.tok = nn.Embedding(VOCAB_SIZE, cfg.d_model)
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, VOCAB_SIZE, bias=False)
         self.head.weight = self.tok.weight  # weight tying

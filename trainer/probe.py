@@ -1,12 +1,18 @@
 """The gradient probe: per layer and expert, tier norms, divergence, drift and routing.
 
-Run it after `backward()` (and after unscaling, if a GradScaler is used) and before
-`optimizer.step()`. All work is tensor operations; the results of every layer are stacked into
-one tensor and copied to the host once, so a logged step costs one device sync.
+Run it after `backward()` (and after `GradScaler.unscale_`, or pass `loss_scale`) and before
+`optimizer.step()`. All work is tensor operations into a scratch tensor allocated once; the
+results of every layer are combined in one tensor and copied to the host once, so a logged step
+costs one device sync.
 
-Per stacked parameter G of shape (E, n) the probe computes the Gram matrix G G^T (one pass over
-the gradient: every expert's squared norm on the diagonal, every dot product with expert 0 in
-the first column) and gathers the 10 % tier positions once. The middle tier is the remainder.
+Per stacked parameter G of shape (E, n), in float32 whatever the parameter dtype:
+- ‖G_k‖ per expert (one pass) and G_k · G_0 (one matrix-vector pass): the divergence
+  1 − cos(G_k, G_0). Its error is absolute, about float32 epsilon (1e-7), far below the 0.01
+  that separates "collapsing" from "diverging". (The distance form, from ‖G_k − G_0‖, is exact
+  for identical gradients but loses 1e-4 when one gradient is 1000x smaller than the other.)
+- the tier positions (fixed, sorted) gathered once: top and bottom norms; middle is the rest;
+- ‖W_k − W_0‖ (`torch.pdist`: one pass, no cancellation, so an unperturbed expert shows exactly
+  0) and ‖W_0‖ over the weights for `weight_drift`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from prismatic.errors import ProbeError
@@ -27,20 +34,27 @@ log = logging.getLogger(__name__)
 # Column order of the (layers, experts, metrics) result tensor.
 _COLUMNS = EXPERT_METRICS
 _IDX = {name: i for i, name in enumerate(_COLUMNS)}
+_NORM_COLUMNS = [_IDX[m] for m in ("top_norm", "bottom_norm", "middle_norm", "norm")]
+# Scratch rows per stacked parameter: norms (squared at the end) and raw sums.
+_G_NORM, _G_DOT, _TOP, _BOTTOM, _W_DIST, _W0_NORM = range(6)
+_SQUARED_ROWS = [_G_NORM, _TOP, _BOTTOM, _W_DIST, _W0_NORM]  # _G_DOT is summed as it is
+_PDIST_MAX_EXPERTS = 4  # beyond this, pdist's E(E-1)/2 pairs cost more than E-1 differences
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers, peeled."""
+    """Peel DistributedDataParallel / DataParallel (`.module`) and torch.compile (`._orig_mod`)."""
     while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         else:
             return model
 
 
 def find_prismatic_layers(model: nn.Module) -> list[Prismatic]:
+    """Every Prismatic layer in any nn.Module tree, in module order (wrappers peeled first)."""
     return [m for m in unwrap(model).modules() if isinstance(m, Prismatic)]
 
 
@@ -59,10 +73,26 @@ class ProbeResult:
         return mean_over_layers(self.metrics)
 
 
-class GradientProbe:
-    """Measures the gradients of every Prismatic layer in `model` (any nn.Module tree)."""
+@dataclass
+class _Slot:
+    """One stacked parameter of one layer, with its row in the scratch tensor."""
 
-    def __init__(self, model: nn.Module) -> None:
+    layer: int
+    param: nn.Parameter
+    tier_index: torch.Tensor  # (k_top + k_bottom,) sorted within each tier
+    k_top: int
+
+
+class GradientProbe:
+    """Measures the gradients of every Prismatic layer in `model` (any nn.Module tree).
+
+    `average_routing_over_ranks`: under data-parallel training every rank routes its own batch;
+    with this set (and a process group initialised) the routing weights are averaged over the
+    ranks with one all-reduce, so every rank reports the same values. Every rank must then call
+    `measure` at the same steps, as it does for the gradients' own all-reduce.
+    """
+
+    def __init__(self, model: nn.Module, *, average_routing_over_ranks: bool = False) -> None:
         self.layers = find_prismatic_layers(model)
         if not self.layers:
             raise ProbeError(
@@ -70,82 +100,130 @@ class GradientProbe:
                 "trainer.Prismatic to probe it"
             )
         self.n_experts = max(layer.num_experts for layer in self.layers)
+        self.average_routing_over_ranks = average_routing_over_ranks
+        self.device = self.layers[0].routing_sum.device
+        self._slots = [
+            self._slot(li, layer, name, param)
+            for li, layer in enumerate(self.layers)
+            for name, param in layer.stacked_parameters()
+        ]
+        # (params, 6, E): filled by out= writes, never reallocated; unused cells stay 0.
+        self._scratch = torch.zeros(len(self._slots), 6, self.n_experts, device=self.device)
+        self._layer_of_slot = torch.tensor([s.layer for s in self._slots], device=self.device)
+        topk = [layer.mixing == "topk" and layer.num_experts > 1 for layer in self.layers]
+        self._topk = torch.tensor(topk, device=self.device)
+        self._any_topk = any(topk)
         self._warned_missing = False
+
+    @staticmethod
+    def _slot(li: int, layer: Prismatic, name: str, param: nn.Parameter) -> _Slot:
+        top, bottom = layer.tiers(name)
+        index = torch.cat([top, bottom])
+        if param[0].numel() < 2**31:
+            index = index.to(torch.int32)  # a slightly faster gather, half the memory
+        return _Slot(li, param, index, top.numel())
+
+    # --- measuring -----------------------------------------------------------------------------
 
     @torch.no_grad()
     def measure(self, step: int, loss_scale: float | None = None) -> ProbeResult | None:
-        """None (with one warning) when gradients are missing, e.g. before backward()."""
-        per_layer = []
-        for layer in self.layers:
-            stats = self._layer_stats(layer)
-            if stats is None:
-                self._warn_missing(step)
-                return None
-            per_layer.append(stats)
-        table = torch.stack(per_layer)  # (L, E, M)
-        if loss_scale:
-            norm_cols = [_IDX[m] for m in ("top_norm", "bottom_norm", "middle_norm", "norm")]
-            table[:, :, norm_cols] /= loss_scale
+        """None (with one warning) when gradients are missing, e.g. before backward().
+
+        `loss_scale`: divide the norms by it, for gradients still multiplied by a GradScaler's
+        scale (not needed after `scaler.unscale_(optimizer)`)."""
+        if any(slot.param.grad is None for slot in self._slots if slot.param.requires_grad):
+            self._warn_missing(step)
+            return None
+        for row, slot in enumerate(self._slots):
+            self._measure_param(row, slot)
+        table = self._finish(loss_scale)  # (L, E, M)
         values = table.tolist()  # the one host sync
-        if any(e[_IDX["nonfinite"]] for r in values for e in r):
+        if any(e[_IDX["nonfinite"]] for layer in values for e in layer):
             values = self._with_nonfinite_counts(values)
         return ProbeResult(step, self._to_metrics(values), len(self.layers), self.n_experts)
 
-    def _layer_stats(self, layer: Prismatic) -> torch.Tensor | None:
-        E = layer.num_experts
-        device = layer.last_routing.device
-        gram = torch.zeros(E, E, dtype=torch.float32, device=device)
-        tier_sq = torch.zeros(2, E, dtype=torch.float32, device=device)
-        drift_sq = torch.zeros(E, dtype=torch.float32, device=device)
-        base_sq = torch.zeros((), dtype=torch.float32, device=device)
-        for name, param in layer.stacked_parameters():
-            if param.grad is None:
-                return None
-            g = param.grad.reshape(E, -1).float()  # (E, n), float32 whatever the dtype
-            gram += g @ g.T
-            top, bottom = layer.tiers(name)
-            k = top.numel()
-            if k + bottom.numel():
-                sq = g.index_select(1, torch.cat([top, bottom])).square()  # (E, k_top + k_bottom)
-                tier_sq[0] += sq[:, :k].sum(1)
-                tier_sq[1] += sq[:, k:].sum(1)
-            w = param.detach().reshape(E, -1).float()
-            drift_sq += (w - w[:1]).square().sum(1)
-            base_sq += w[0].square().sum()
-        return self._finish_layer(layer, gram, tier_sq, drift_sq, base_sq)
+    def _measure_param(self, row: int, slot: _Slot) -> None:
+        out = self._scratch[row]  # (6, E)
+        param = slot.param
+        E = param.shape[0]
+        w = param.detach().reshape(E, -1).float()  # (E, n); a no-op for float32
+        _distances_to_first(w, out[_W_DIST, 1:E])
+        torch.linalg.vector_norm(w[0], out=out[_W0_NORM, 0])
+        if param.grad is None:  # a frozen parameter: no gradient to add
+            return
+        g = param.grad.reshape(E, -1).float()
+        torch.linalg.vector_norm(g, dim=1, out=out[_G_NORM, :E])
+        torch.mv(g, g[0], out=out[_G_DOT, :E])
+        if slot.tier_index.numel():
+            tiers = g.index_select(1, slot.tier_index)  # (E, k_top + k_bottom)
+            k = slot.k_top
+            torch.linalg.vector_norm(tiers[:, :k], dim=1, out=out[_TOP, :E])
+            torch.linalg.vector_norm(tiers[:, k:], dim=1, out=out[_BOTTOM, :E])
 
-    def _finish_layer(self, layer, gram, tier_sq, drift_sq, base_sq) -> torch.Tensor:
-        E = layer.num_experts
-        total_sq = gram.diagonal()
+    def _finish(self, loss_scale: float | None) -> torch.Tensor:
+        """Scratch (params, 6, E) -> per layer and expert (L, E, M), in a few vector ops."""
+        per_param = self._scratch.clone()
+        per_param[:, _SQUARED_ROWS] = per_param[:, _SQUARED_ROWS].square()
+        sums = torch.zeros(len(self.layers), 6, self.n_experts, device=self.device)
+        sums.index_add_(0, self._layer_of_slot, per_param)
+        total_sq, dot, top_sq, bottom_sq, drift_sq, base_sq = sums.unbind(1)  # (L, E) each
         norm = total_sq.sqrt()
-        middle_sq = (total_sq - tier_sq[0] - tier_sq[1]).clamp_min(0)
-        cosine = gram[:, 0] / (norm * norm[0])
-        divergence = 1.0 - cosine
-        out = torch.full((self.n_experts, len(_COLUMNS)), float("nan"), device=gram.device)
-        out[:E, _IDX["top_norm"]] = tier_sq[0].sqrt()
-        out[:E, _IDX["bottom_norm"]] = tier_sq[1].sqrt()
-        out[:E, _IDX["middle_norm"]] = middle_sq.sqrt()
-        out[:E, _IDX["norm"]] = norm
-        out[1:E, _IDX["divergence"]] = divergence[1:]
-        out[1:E, _IDX["weight_drift"]] = drift_sq[1:].sqrt() / base_sq.sqrt()
-        out[:E, _IDX["routing_weight"]] = layer.last_routing.float()
+        # Clamped against rounding; a zero gradient has no direction, so no divergence.
+        both = norm * norm[:, :1]
+        divergence = (1.0 - dot / both).clamp(0.0, 2.0).where(both > 0, float("nan"))
+        out = torch.full(
+            (len(self.layers), self.n_experts, len(_COLUMNS)), float("nan"), device=self.device
+        )
+        out[..., _IDX["top_norm"]] = top_sq.sqrt()
+        out[..., _IDX["bottom_norm"]] = bottom_sq.sqrt()
+        out[..., _IDX["middle_norm"]] = (total_sq - top_sq - bottom_sq).clamp_min(0).sqrt()
+        out[..., _IDX["norm"]] = norm
+        out[:, 1:, _IDX["divergence"]] = divergence[:, 1:]
+        out[:, 1:, _IDX["weight_drift"]] = (drift_sq[:, 1:] / base_sq[:, :1]).sqrt()
+        out[..., _IDX["routing_weight"]] = self._routing()
         # A flag for now; exact counts are taken only when some gradient is non-finite.
-        out[:E, _IDX["nonfinite"]] = (~torch.isfinite(total_sq)).float()
-        if layer.mixing == "topk":
-            # An expert that received no token has an exactly-zero gradient: "no gradient".
-            silent = total_sq == 0
-            out[:E][silent, : _IDX["divergence"] + 1] = float("-inf")
+        out[..., _IDX["nonfinite"]] = (~torch.isfinite(total_sq)).float()
+        if loss_scale:
+            out[..., _NORM_COLUMNS] /= loss_scale
+        self._mark_silent_experts(out, total_sq)
+        self._mark_absent_experts(out)
         return out
+
+    def _routing(self) -> torch.Tensor:
+        """(L, E) mean router probabilities since the last measurement; NaN where absent."""
+        routing = torch.full((len(self.layers), self.n_experts), float("nan"), device=self.device)
+        for li, layer in enumerate(self.layers):
+            routing[li, : layer.num_experts] = layer.take_routing().to(self.device)
+        if self.average_routing_over_ranks and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(routing)
+            routing /= dist.get_world_size()
+        return routing
+
+    def _mark_silent_experts(self, out: torch.Tensor, total_sq: torch.Tensor) -> None:
+        """Under top-k routing an expert that received no token has an exactly-zero gradient:
+        "no gradient" (None on the wire), not a norm of 0, and no divergence either."""
+        if not self._any_topk:
+            return
+        silent = (total_sq == 0) & self._topk.unsqueeze(1)  # (L, E)
+        no_gradient = out[..., : _IDX["divergence"] + 1]  # the tier norms, norm, divergence
+        no_gradient[silent] = float("-inf")
+
+    def _mark_absent_experts(self, out: torch.Tensor) -> None:
+        """Layers with fewer experts than the widest one: NaN ("does not exist") past their end."""
+        for li, layer in enumerate(self.layers):
+            if layer.num_experts < self.n_experts:
+                out[li, layer.num_experts :] = float("nan")
 
     def _with_nonfinite_counts(self, values: list) -> list:
         """Rare path (a second sync): count non-finite gradient values per layer and expert."""
+        counts = torch.zeros(len(self.layers), self.n_experts, device=self.device)
+        for slot in self._slots:
+            if slot.param.grad is not None:
+                g = slot.param.grad.reshape(slot.param.shape[0], -1)
+                counts[slot.layer, : g.shape[0]] += (~torch.isfinite(g)).sum(1).to(self.device)
         for li, layer in enumerate(self.layers):
-            counts = torch.zeros(layer.num_experts, device=layer.last_routing.device)
-            for _, param in layer.stacked_parameters():
-                g = param.grad.reshape(layer.num_experts, -1)
-                counts += (~torch.isfinite(g)).sum(1)
-            for e, c in enumerate(counts.tolist()):
-                values[li][e][_IDX["nonfinite"]] = c
+            for e, count in enumerate(counts[li].tolist()[: layer.num_experts]):
+                values[li][e][_IDX["nonfinite"]] = count
         return values
 
     def _to_metrics(self, values: list) -> dict[str, list[list[float | None]]]:
@@ -163,6 +241,19 @@ class GradientProbe:
                 step,
             )
             self._warned_missing = True
+
+
+def _distances_to_first(x: torch.Tensor, out: torch.Tensor) -> None:
+    """out[k-1] = ‖x_k − x_0‖ for k = 1..E-1, in one pass over x (E, n) when E is small."""
+    E = x.shape[0]
+    if E < 2:
+        return
+    if E <= _PDIST_MAX_EXPERTS:
+        # pdist's pairs start with (0, 1), (0, 2), ..., (0, E-1).
+        out.copy_(torch.pdist(x)[: E - 1])
+        return
+    for k in range(1, E):
+        torch.linalg.vector_norm(x[k] - x[0], out=out[k - 1])
 
 
 def _clean(value: float) -> float | None:
