@@ -8,6 +8,7 @@ service's command is parsed by the real parsers (`prismatic` and torchrun's).
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shlex
 import socket
@@ -334,3 +335,60 @@ def test_a_trainer_on_another_host_reaches_a_collector_bound_with_allow_remote(t
     conn.close()
     assert steps == [0, 1, 2, 3]
     assert status == "completed"
+
+
+@pytest.mark.slow
+def test_torchrun_across_two_nodes_reports_both_ranks_into_one_run(tmp_path):
+    """Two torchrun agents with --nnodes 2 (here both on this machine, each with its own runs
+    folder as another host would have) train one data-parallel run; the collector, on its own
+    folder, stores every step with both ranks."""
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    rendezvous, collector_port = ports
+    runs = tmp_path / "collector-host"
+    cli = [sys.executable, "-m", "prismatic.cli"]
+    collector = subprocess.Popen(
+        [*cli, "collect", "--bind", f"tcp://127.0.0.1:{collector_port}", "--runs-dir", str(runs)],
+        stderr=subprocess.DEVNULL,
+    )
+    overrides = ["train.world_size=2", "model.d_model=32", "model.n_layers=1"]
+    overrides += ["model.seq_len=16", "train.batch_size=2", "train.steps=3", "dynamics.log_freq=1"]
+    nodes = []
+    try:
+        for node_rank in (0, 1):
+            launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+            launch += ["--node_rank", str(node_rank), "--nproc_per_node", "1"]
+            launch += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rendezvous}"]
+            launch += ["--rdzv-id", "prismatic-test", "-m", "prismatic.cli", "train"]
+            launch += [str(REPO / "configs/default.yaml"), "--collector"]
+            launch += [f"tcp://127.0.0.1:{collector_port}"]
+            launch += ["--runs-dir", str(tmp_path / f"node{node_rank}")]
+            launch += [a for o in overrides for a in ("--set", o)]
+            nodes.append(
+                subprocess.Popen(
+                    launch,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"},
+                )
+            )
+        for node in nodes:
+            output = node.communicate(timeout=300)[0]
+            assert node.returncode == 0, output[-3000:]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+        collector.terminate()
+        assert collector.wait(30) == 0
+    cfg = load_config(REPO / "configs/default.yaml", overrides)
+    conn = sqlite3.connect(runs / run_hash(cfg) / "dynamics.db")
+    rows = conn.execute("SELECT step, ranks_reported FROM dynamics ORDER BY step").fetchall()
+    run = conn.execute("SELECT status, world_size FROM run").fetchone()
+    conn.close()
+    assert rows == [(0, 2), (1, 2), (2, 2)]
+    assert run == ("completed", 2)
