@@ -48,11 +48,11 @@ def runs_dir() -> Path:
 def sidebar_runs(runs: list[data.RunInfo]) -> RunChoice:
     side = st.sidebar
     side.header("Runs")
-    text = side.text_input("Filter", placeholder="name, hash, strategy or mixing")
+    text = side.text_input("Filter", placeholder="name, hash, strategy or mixing", key="filter")
     present = [s for s in data.STATUSES if any(r.status == s for r in runs)]
-    statuses = side.multiselect("Status", present, placeholder="any status")
-    sort_key = side.selectbox("Sort by", list(data.SORT_KEYS))
-    descending = side.toggle("Descending", value=True)
+    statuses = side.multiselect("Status", present, placeholder="any status", key="statuses")
+    sort_key = side.selectbox("Sort by", list(data.SORT_KEYS), key="sort")
+    descending = side.toggle("Descending", value=True, key="descending")
     shown = data.sort_runs(data.filter_runs(runs, text, statuses), sort_key, descending)
     by_hash = {r.run_hash: r for r in runs}
     newest = data.sort_runs([r for r in runs if r.steps], "last update") or runs

@@ -68,12 +68,15 @@ def series_name(expert: int, tier: str) -> str:
 
 
 def norm_trace(df: pd.DataFrame, expert: int, tier: str) -> tuple[dict | None, int]:
-    """One log-axis line (as a plotly dict) and how many values <= 0 it left out."""
+    """One log-axis line (as a plotly dict; None when no value can be drawn) and how many
+    values <= 0 it left out."""
     column = expert_column(expert, f"{tier}_norm" if tier in TIERS else "norm")
     if column not in df.columns:
         return None, 0
     values = df[column].to_numpy(dtype=float)
     x, y, left_out = finite_series(df["step"].to_numpy(), values, log_axis=True)
+    if not len(x):
+        return None, left_out
     name = series_name(expert, tier)
     trace = {
         "type": "scattergl",
@@ -102,10 +105,10 @@ def dynamics_figure(
     for expert in experts:
         for tier in kinds:
             trace, lost = norm_trace(df, expert, tier)
-            if trace is None:
-                continue
-            traces.append(trace)
-            left_out.per_series[trace["name"]] = lost
+            if lost:
+                left_out.per_series[series_name(expert, tier)] = lost
+            if trace is not None:
+                traces.append(trace)
     layout = {
         **LAYOUT,
         "yaxis": {"type": "log", "title": {"text": "gradient norm (log scale)"}},

@@ -9,7 +9,15 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboard import verdict
-from dashboard.charts import LAYOUT, TIER_LABELS, TIERS, LeftOut, norm_trace, tier_colour
+from dashboard.charts import (
+    LAYOUT,
+    TIER_LABELS,
+    TIERS,
+    LeftOut,
+    norm_trace,
+    series_name,
+    tier_colour,
+)
 from dashboard.data import experts_in, layer_wide
 from dashboard.sampling import finite_series
 from prismatic.db import expert_column
@@ -132,13 +140,14 @@ def layers_figure(
         for expert in experts_in(wide):
             for tier in tiers:
                 trace, lost = norm_trace(wide, expert, tier)
+                name = f"layer {layer} {series_name(expert, tier)}"
+                if lost:
+                    left_out.per_series[name] = lost
                 if trace is None:
                     continue
-                trace["name"] = f"layer {layer} {trace['name']}"
-                trace["showlegend"] = row == 1
-                trace["legendgroup"] = f"{expert} {tier}"
+                trace.update(name=name, showlegend=row == 1, legendgroup=f"{expert} {tier}")
+                trace["hovertemplate"] = f"{name}: %{{y:.6g}}<extra></extra>"
                 fig.add_trace(trace, row=row, col=1)
-                left_out.per_series[trace["name"]] = lost
         fig.update_yaxes(type="log", title_text="grad norm", row=row, col=1)
     fig.update_xaxes(title_text="training step", row=len(chosen), col=1)
     fig.update_layout(**{**LAYOUT, "height": max(360, 260 * len(chosen)), "hovermode": "closest"})

@@ -7,10 +7,14 @@ formulas (`known_value`) so a test can compute the verdict's numbers on its own.
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+import numpy as np
 
 from collector.store import RunStore, StepRow
 from prismatic.aggregate import mean_over_layers
@@ -171,3 +175,34 @@ def synthetic_rows(
 
 def known_rows() -> list[StepRow]:
     return [step_row(s, known_metrics(s), loss=3.0 - 0.001 * s) for s in KNOWN_STEPS]
+
+
+# --- reading what an AppTest page shows ----------------------------------------------------------
+
+APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+
+
+def plotly_figures(at) -> list[dict]:
+    """The plotly figures on an AppTest page, as plotly JSON with arrays decoded."""
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def values(array) -> np.ndarray:
+    """A plotly JSON array (a list, or {dtype, bdata[, shape]} for numpy data) as numpy."""
+    if isinstance(array, dict) and "bdata" in array:
+        out = np.frombuffer(base64.b64decode(array["bdata"]), dtype=np.dtype(array["dtype"]))
+        if "shape" in array:
+            shape = array["shape"]
+            out = out.reshape(
+                [int(s) for s in str(shape).split(",")] if isinstance(shape, str) else shape
+            )
+        return out
+    return np.asarray(array, dtype=float)
+
+
+def trace_names(figure: dict) -> list[str]:
+    return [t.get("name") for t in figure["data"]]
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)

@@ -1,0 +1,96 @@
+"""The verdict panel on a known-answer run: every number it shows equals a value worked out here
+from how the run was built (tests/dashboard_fixtures.py: known_value), without dashboard.verdict.
+
+The run: 40 logged steps 0, 10, ..., 390; the first and the recent window are the first and the
+last quarter of them (10 steps each: 0..90 and 300..390, mean steps 45 and 345).
+- bottom norm of expert k = (0.5 + 0.001 step) x (1.0, 3.0, 1.2)[k]: ratios 3.0 and 1.2 exactly.
+- divergence: expert 1 = 0.2 - 0.0001 step, expert 2 = 0.03 + 0.00002 step: a window's mean is
+  the value at its mean step, the slopes are -0.1 and +0.02 per 1,000 steps.
+- weight drift: 0.01 k + 0.00005 step: slope 0.05 per 1,000 steps for both.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from dashboard_fixtures import APP, known_rows, step_row, synthetic_metrics, texts, write_run
+from streamlit.testing.v1 import AppTest
+
+from dashboard import verdict
+from dashboard.serve import RUNS_DIR_ENV
+
+RUN = "abcdef123"
+QUESTION_1, QUESTION_2, QUESTION_3 = verdict.QUESTIONS
+EXPECTED = {
+    (QUESTION_1, 0, "recent bottom norm"): 0.5 + 0.345,
+    (QUESTION_1, 1, "recent bottom norm"): 3.0 * (0.5 + 0.345),
+    (QUESTION_1, 1, "bottom ratio"): 3.0,
+    (QUESTION_1, 2, "bottom ratio"): 1.2,
+    (QUESTION_2, 1, "recent divergence"): 0.2 - 0.0345,
+    (QUESTION_2, 2, "recent divergence"): 0.03 + 0.0069,
+    (QUESTION_2, 1, "latest divergence"): 0.2 - 0.039,
+    (QUESTION_2, 2, "latest divergence"): 0.03 + 0.0078,
+    (QUESTION_3, 1, "first-window divergence"): 0.2 - 0.0045,
+    (QUESTION_3, 2, "first-window divergence"): 0.03 + 0.0009,
+    (QUESTION_3, 1, "divergence slope per 1k steps"): -0.1,
+    (QUESTION_3, 2, "divergence slope per 1k steps"): 0.02,
+    (QUESTION_3, 1, "weight drift slope per 1k steps"): 0.05,
+    (QUESTION_3, 2, "weight drift slope per 1k steps"): 0.05,
+}
+
+
+def page(runs, monkeypatch) -> AppTest:
+    monkeypatch.setenv(RUNS_DIR_ENV, str(runs))
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def numbers_table(at: AppTest) -> pd.DataFrame:
+    [table] = [d.value for d in at.dataframe if "quantity" in d.value.columns]
+    return table
+
+
+def test_verdict_numbers_equal_the_values_known_by_construction(tmp_path, monkeypatch):
+    write_run(tmp_path / "runs", RUN, known_rows())
+    table = numbers_table(page(tmp_path / "runs", monkeypatch))
+    shown = {(r.question, r.expert, r.quantity): r.value for r in table.itertuples()}
+    for key, expected in EXPECTED.items():
+        assert shown[key] == pytest.approx(expected, rel=1e-9, abs=1e-12), key
+
+
+def test_verdict_answers_and_their_sentences(tmp_path, monkeypatch):
+    write_run(tmp_path / "runs", RUN, known_rows())
+    markdown = texts(page(tmp_path / "runs", monkeypatch).markdown)
+    # 3.0x wakes up, 1.2x does not: mixed
+    assert f"**{QUESTION_1}** :orange-badge[mixed]" in markdown
+    assert "expert 1: 3.00×, expert 2: 1.20×" in markdown
+    # 0.1655 is meaningful, 0.0369 is between the thresholds: mixed
+    assert f"**{QUESTION_2}** :orange-badge[mixed]" in markdown
+    assert "expert 1: 0.1655 (meaningful), expert 2: 0.0369 (weak)" in markdown
+    # expert 1 keeps 0.1655 / 0.1955 = 85 % of its first window, expert 2 rises: sustained
+    assert f"**{QUESTION_3}** :green-badge[sustained]" in markdown
+    assert "expert 1: 0.1955 → 0.1655, slope -0.1000/1k steps" in markdown
+
+
+def test_collapse_to_consensus_is_called_collapsing(tmp_path, monkeypatch):
+    # divergence falls from 0.2 to 0.002 by step 250 (recent window < 0.01), both experts
+    rows = []
+    for step in range(0, 400, 10):
+        metrics = synthetic_metrics(step)
+        value = 0.2 * max(0.0, 1 - step / 250) + 0.002
+        metrics["divergence"] = [[None, value, value] for _ in metrics["divergence"]]
+        rows.append(step_row(step, metrics))
+    write_run(tmp_path / "runs", RUN, rows)
+    markdown = texts(page(tmp_path / "runs", monkeypatch).markdown)
+    assert f"**{QUESTION_2}** :red-badge[no]" in markdown
+    assert f"**{QUESTION_3}** :red-badge[collapsing]" in markdown
+
+
+def test_before_enough_points_the_panel_says_so_instead_of_guessing(tmp_path, monkeypatch):
+    write_run(tmp_path / "runs", RUN, known_rows()[:5])
+    at = page(tmp_path / "runs", monkeypatch)
+    markdown = texts(at.markdown)
+    assert markdown.count(":gray-badge[not enough data]") == 3
+    assert "5 logged step(s) so far; a verdict needs at least 8" in markdown
+    assert not [d for d in at.dataframe if "quantity" in d.value.columns]
