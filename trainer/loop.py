@@ -13,9 +13,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -87,21 +87,43 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # atomic: a crash mid-save never leaves a torn checkpoint
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends the run like Ctrl-C: a checkpoint, then run_end "interrupted"."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the run to stop at the end of the current step: a checkpoint,
+    then run_end "interrupted", and `--resume` repeats no step. A second signal stops at once.
 
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    Under data-parallel training the ranks agree (one tiny all-reduce per step) so that all of
+    them stop after the same step; otherwise one would wait forever for the others' gradients.
+    """
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning(
+            "trainer: %s received; stopping after this step (again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    def agreed(self, world_size: int) -> bool:
+        if world_size == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 class Trainer:
@@ -120,8 +142,12 @@ class Trainer:
         self.run_dir = Path(runs_dir) / self.run_hash
         self.collector = collector or cfg.dynamics.collector
         self.resume = resume
+        if resume and not (self.run_dir / CHECKPOINT_NAME).is_file():
+            raise ConfigError(
+                f"--resume: no checkpoint at {self.run_dir / CHECKPOINT_NAME}; start the run "
+                "without --resume (checkpoints are written every train.checkpoint_every steps)"
+            )
         self.device = torch.device(cfg.train.device)
-        self.completed_step = -1  # the last step whose optimizer update is done
         if cfg.train.threads:
             # Several trainers on one machine: one thread each (oversubscription is ~10x slower).
             torch.set_num_threads(cfg.train.threads)
@@ -144,7 +170,6 @@ class Trainer:
         self.start_step = 0
         if self.resume:
             self._load_checkpoint()
-        self.completed_step = self.start_step - 1
         self.wrapped: nn.Module = self.model
         if self.dist.world_size > 1:
             # No buffer broadcast: the tiers are equal by construction and the routing sums are
@@ -180,8 +205,6 @@ class Trainer:
 
     def _load_checkpoint(self) -> None:
         path = self.run_dir / CHECKPOINT_NAME
-        if not path.is_file():
-            raise ConfigError(f"--resume: no checkpoint at {path}; start the run without --resume")
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -192,10 +215,12 @@ class Trainer:
         self.start_step = state["step"] + 1
         log.info("trainer: resumed %s after step %d", self.run_hash, state["step"])
 
-    def _maybe_checkpoint(self, step: int, last: int) -> None:
+    def _maybe_checkpoint(self, step: int, last: int) -> bool:
         every = self.cfg.train.checkpoint_every
         if every and (step % every == 0 or step == last):
             self._save_checkpoint(step)
+            return True
+        return False
 
     # --- the run -------------------------------------------------------------------------------
 
@@ -232,17 +257,17 @@ class Trainer:
         return client_curve(self.cfg.dynamics)
 
     def run(self) -> str:
-        """Train to `train.steps`; returns the end status sent to the collector."""
+        """Train to `train.steps` (or until asked to stop); returns the end status sent to the
+        collector: completed, interrupted or failed."""
         self._prepare()
         reporter = self._reporter()
         status = "failed"
         try:
-            with sigterm_as_interrupt():
-                self._train(reporter)
-            status = "completed"
+            with StopRequest() as stop:
+                finished = self._train(reporter, stop)
+            status = "completed" if finished else "interrupted"
         except KeyboardInterrupt:
             status = "interrupted"
-            self._checkpoint_on_interrupt()
             raise
         finally:
             if reporter is not None:
@@ -251,45 +276,50 @@ class Trainer:
                 dist.destroy_process_group()
         return status
 
-    def _checkpoint_on_interrupt(self) -> None:
-        """Save the last completed step, so --resume repeats none. Single process only: ranks
-        are interrupted at different points, and the checkpoint is a collective."""
-        every = self.cfg.train.checkpoint_every
-        if every and self.dist.world_size == 1 and self.completed_step >= self.start_step:
-            self._save_checkpoint(self.completed_step)
-
-    def _train(self, reporter: DynamicsReporter | None) -> None:
+    def _train(self, reporter: DynamicsReporter | None, stop: StopRequest) -> bool:
+        """The step loop; False if it stopped early on request (after a checkpoint)."""
         cfg = self.cfg
         tokens = cfg.train.batch_size * cfg.model.seq_len * cfg.train.grad_accum
         progress = Progress(cfg.train.steps, tokens * self.dist.world_size)
         self.model.train()
         last = cfg.train.steps - 1
         for step in range(self.start_step, cfg.train.steps):
-            # Forward and backward over the micro-batches of this optimizer step.
-            loss = self._accumulate()
-
-            # Probe on the synchronised, unscaled gradients, before the optimizer changes them.
-            self.scaler.unscale_(self.optimizer)
-            eval_due = self._eval_due(step, last)
-            val_loss = self._evaluate() if eval_due else None
-            if reporter is not None:
-                # Every rank probes the same steps, so the collector sees each from all ranks.
-                force = step == last or eval_due
-                reporter.after_backward(
-                    step, loss=loss, val_loss=val_loss, lr=cfg.train.lr, force=force
-                )
-
-            # Clip and step.
-            if cfg.train.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.completed_step = step
-
-            self._maybe_checkpoint(step, last)
+            loss, val_loss = self._step(step, last, reporter)
+            checkpointed = self._maybe_checkpoint(step, last)
             if self.dist.rank == 0:
                 progress.update(step + 1, loss, val_loss, force=step == last)
+            if step < last and stop.agreed(self.dist.world_size):
+                if not checkpointed and cfg.train.checkpoint_every:
+                    self._save_checkpoint(step)
+                log.warning("trainer: %s stopped after step %d", self.run_hash, step)
+                return False
+        return True
+
+    def _step(
+        self, step: int, last: int, reporter: DynamicsReporter | None
+    ) -> tuple[float, float | None]:
+        """One optimizer step; returns the training loss and the validation loss, if due."""
+        # Forward and backward over the micro-batches of this optimizer step.
+        loss = self._accumulate()
+
+        # Probe on the synchronised, unscaled gradients, before the optimizer changes them.
+        self.scaler.unscale_(self.optimizer)
+        eval_due = self._eval_due(step, last)
+        val_loss = self._evaluate() if eval_due else None
+        if reporter is not None:
+            # Every rank probes the same steps, so the collector sees each from all ranks.
+            force = step == last or eval_due
+            reporter.after_backward(
+                step, loss=loss, val_loss=val_loss, lr=self.cfg.train.lr, force=force
+            )
+
+        # Clip and step.
+        if self.cfg.train.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, val_loss
 
     def _accumulate(self) -> float:
         cfg = self.cfg

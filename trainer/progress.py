@@ -1,7 +1,13 @@
-"""Terminal progress: a one-line bar on a terminal, plain periodic lines otherwise."""
+"""Terminal progress: a one-line bar on a terminal, plain periodic lines otherwise.
+
+On a terminal the bar is redrawn in place (carriage return) at most every `tty_every_s`; into a
+file or a pipe (a log, `prismatic up`, CI) a plain line is written every `every_s` seconds, and
+always for the last step, so logs stay short and readable.
+"""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import TextIO
@@ -20,16 +26,17 @@ class Progress:
         name: str = "",
         stream: TextIO | None = None,
         every_s: float = 5.0,
+        tty_every_s: float = 0.1,
     ) -> None:
         self.total = total_steps
         self.tokens_per_step = tokens_per_step
         self.name = name
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
-        self.every_s = every_s
+        self.every_s = tty_every_s if self.tty else every_s
         self._start = time.perf_counter()
         self._start_step: int | None = None
-        self._last_print = 0.0
+        self._last_print = -math.inf  # the first update always prints
 
     def line(self, step: int, loss: float | None, val_loss: float | None = None) -> str:
         if self._start_step is None:
@@ -50,7 +57,7 @@ class Progress:
         self, step: int, loss: float | None, val_loss: float | None = None, force: bool = False
     ) -> None:
         now = time.perf_counter()
-        if not (force or self.tty or now - self._last_print >= self.every_s):
+        if not (force or now - self._last_print >= self.every_s):
             return
         self._last_print = now
         text = self.line(step, loss, val_loss)
