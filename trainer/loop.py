@@ -172,9 +172,11 @@ class Trainer:
             self._load_checkpoint()
         self.wrapped: nn.Module = self.model
         if self.dist.world_size > 1:
-            # No buffer broadcast: the tiers are equal by construction and the routing sums are
-            # each rank's own (the probe averages them over ranks).
-            self.wrapped = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
+            # No buffer broadcast before each forward: the tiers are equal by construction and
+            # the routing sums are each rank's own (the probe averages them over ranks).
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.model, forward_sync_buffers=False
+            )
 
     # --- checkpoints ---------------------------------------------------------------------------
 
