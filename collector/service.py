@@ -249,7 +249,9 @@ class Collector:
         state.shards = message["shards"]
         state.declared = True
         state.status = "live"
-        state.ends.clear()
+        # Only this rank's earlier end (a resumed run): ranks' streams arrive in any order, and
+        # another rank's run_end may already be here before this run_start.
+        state.ends.pop(message["rank"], None)
         if state.started is None:  # a resumed run, or a replay, keeps when it first started
             state.started = message["ts"] or time.time()
         model = message["model"]

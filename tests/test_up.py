@@ -144,7 +144,7 @@ def test_a_bare_up_trains_the_whole_stack_into_one_collector(tmp_path):
             assert ranks == cfg.train.world_size, (path, step)
             assert all(v is not None and math.isfinite(v) and v > 0 for v in norms), (path, step)
         status, world = read_db(db, "SELECT status, world_size FROM run")[0]
-        assert (status, world) == ("completed", cfg.train.world_size)
+        assert (status, world) == ("completed", cfg.train.world_size), path
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -218,3 +218,24 @@ def test_a_second_signal_kills_every_child_at_once_even_a_frozen_trainer(tmp_pat
             proc.kill()
     assert code == 128 + signal.SIGINT
     assert wait_gone(children, timeout=5) == []
+
+
+def test_a_data_parallel_run_completes_whatever_order_its_ranks_streams_arrive_in(tmp_path):
+    """Each rank has its own socket, so rank 1's whole stream (run_start first) can arrive after
+    rank 0's run_end; seen in the stack's torchrun run under load. The run must still end."""
+    from collector.service import Collector
+    from prismatic import wire
+
+    def message(kind: str, rank: int, seq: int, **fields) -> bytes:
+        return wire.encode({**wire.header(kind, "0123456ab", rank, seq), **fields})
+
+    start = {"name": "dp", "config": {}, "model": {}, "world_size": 2, "host": "h"}
+    start |= {"shards": False, "versions": {}}
+    end = {"status": "completed", "last_step": 0, "sent": 2, "dropped": 0}
+    collector = Collector("tcp://127.0.0.1:1", tmp_path)  # handles bytes; binds nothing
+    for rank in (0, 1):
+        assert collector.handle_bytes(message("run_start", rank, 0, **start))
+        assert collector.handle_bytes(message("run_end", rank, 1, **end))
+    collector.shutdown()
+    db = tmp_path / "0123456ab" / "dynamics.db"
+    assert read_db(db, "SELECT status, world_size FROM run") == [("completed", 2)]
