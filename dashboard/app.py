@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,15 +56,22 @@ def sidebar_runs(runs: list[data.RunInfo]) -> RunChoice:
     descending = side.toggle("Descending", value=True, key="descending")
     shown = data.sort_runs(data.filter_runs(runs, text, statuses), sort_key, descending)
     by_hash = {r.run_hash: r for r in runs}
-    newest = data.sort_runs([r for r in runs if r.steps], "last update") or runs
+    default = [r.run_hash for r in default_runs(runs) if r in shown]
     opened = side.multiselect(
         "Open (several to compare)",
         [r.run_hash for r in shown],
-        default=[newest[0].run_hash] if newest[0] in shown else [],
+        default=default,
         format_func=lambda h: by_hash[h].label,
         key="open_runs",
     )
     return RunChoice(shown, opened)
+
+
+def default_runs(runs: list[data.RunInfo]) -> list[data.RunInfo]:
+    """The run a researcher most likely came for: the newest live one, else the newest."""
+    with_rows = data.sort_runs([r for r in runs if r.steps], "last update")
+    live = [r for r in with_rows if r.status == "live"]
+    return (live or with_rows or runs)[:1]
 
 
 def view_picker() -> str:
@@ -160,6 +168,9 @@ def show_view(view: str, folder: Path, hashes: list[str], options: dict) -> None
 
 @st.fragment(run_every=REFRESH_S)
 def live_view(view: str, folder: Path, hashes: list[str], options: dict) -> None:
+    st.caption(
+        f"Live: refreshes in place every {REFRESH_S:g} s (read {time.strftime('%H:%M:%S')})."
+    )
     show_view(view, folder, hashes, {**options, "live": True})
 
 

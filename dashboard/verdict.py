@@ -21,6 +21,15 @@ WINDOW_FRACTION = 0.25
 WAKE_RATIO = 1.5  # perturbed / clean bottom-tier norm at or above this: waking up
 SUSTAINED = 0.8  # recent >= 0.8 x first window: divergence sustained
 COLLAPSED = 0.5  # recent < 0.5 x first window and falling: collapsing
+RULES = (
+    f"Bottom weights wake up when a perturbed expert's recent-window bottom-tier norm is at least "
+    f"{WAKE_RATIO}× expert 0's. Divergence is meaningful above {MEANINGFUL} and converging below "
+    f"{CONVERGING}. A trend is sustained when the recent window keeps ≥ {SUSTAINED}× the first "
+    f"window's divergence; collapsing when it falls below {CONVERGING}, or below {COLLAPSED}× "
+    f"the first window with a falling slope; never diverged when both windows are below "
+    f"{CONVERGING}. Windows: the first and the last quarter of the logged steps (at least 3); "
+    f"no verdict before {MIN_POINTS} logged steps."
+)
 QUESTIONS = (
     "Are bottom weights waking up?",
     "Is there genuine divergence?",
@@ -38,8 +47,9 @@ class Number:
 @dataclass
 class Answer:
     question: str
-    verdict: str  # yes / no / mixed (the third: sustained / collapsing / mixed), not enough
-    # data, not applicable
+    # yes / no / mixed; the third question: sustained / collapsing / never diverged / mixed;
+    # or: not enough data, not applicable
+    verdict: str
     summary: str
     numbers: list[Number] = field(default_factory=list)
 
@@ -190,23 +200,14 @@ def cascade(df: pd.DataFrame, n_experts: int) -> Answer:
     if not trends:
         return Answer(QUESTIONS[2], "not enough data", "No divergence logged.", numbers)
     kinds = set(trends.values())
-    verdict = (
-        "sustained"
-        if kinds == {"sustained"}
-        else "collapsing"
-        if kinds == {"collapsing"}
-        else "mixed"
-    )
-    summary = (
-        "Divergence, first window → recent window: "
-        + "; ".join(parts)
-        + f". Sustained: recent ≥ {SUSTAINED} × first; collapsing: recent < {CONVERGING}, or "
-        f"< {COLLAPSED} × first with a falling slope."
-    )
+    verdict = kinds.pop() if len(kinds) == 1 and "fading" not in kinds else "mixed"
+    summary = "Divergence, first window → recent window: " + "; ".join(parts) + "."
     return Answer(QUESTIONS[2], verdict, summary, numbers)
 
 
 def _trend(first: float, recent: float, slope: float | None) -> str:
+    if first < CONVERGING and recent < CONVERGING:
+        return "never diverged"
     if recent < CONVERGING or (recent < COLLAPSED * first and (slope or 0) < 0):
         return "collapsing"
     if recent >= SUSTAINED * first:

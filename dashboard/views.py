@@ -22,6 +22,7 @@ VERDICT_COLOURS = {
     "sustained": "green",
     "no": "red",
     "collapsing": "red",
+    "never diverged": "red",
     "mixed": "orange",
     "not enough data": "gray",
     "not applicable": "gray",
@@ -135,8 +136,9 @@ def verdict_panel(run: Opened) -> None:
         for a in answers
         for n in a.numbers
     ]
-    if numbers:
-        with st.expander("The numbers behind the verdict"):
+    with st.expander("The numbers behind the verdict, and its rules"):
+        st.caption(verdict.RULES)
+        if numbers:
             st.dataframe(pd.DataFrame(numbers), hide_index=True, key=f"numbers_{run.info.run_hash}")
 
 
