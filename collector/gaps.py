@@ -44,12 +44,14 @@ CURSOR_NAME = "cursor.json"
 SCAN_INTERVAL_S = 10.0  # how often the runs folder is scanned for unread spool tails
 QUIET_S = 5.0  # a spool file unchanged this long is no longer being written to
 SAVE_INTERVAL_S = 5.0  # how often a run's cursors are saved at most
+REPLAY_COOLDOWN_S = 1.0  # how often a gap in one spool file triggers a replay at most
 
 
 @dataclass
 class _Cursor:
     offset: int = 0  # end of the ingested prefix of the file
     warned_missing: bool = False  # warned once that the spool is not here to replay from
+    next_replay: float = 0.0  # monotonic time before which a gap does not trigger a replay
 
 
 class SpoolWatch:
@@ -78,26 +80,35 @@ class SpoolWatch:
 
     # --- live messages -------------------------------------------------------------------------
 
-    def observe(self, message: dict[str, Any], size: int) -> bool:
+    def observe(self, message: dict[str, Any], data: bytes) -> bool:
         """Account for one message from the socket; False if it is already ingested."""
         offset = message.get("spool_offset")
         if offset is None:
             return True  # a sender without a spool: nothing to compare or replay
         path = spool_path(self.c.runs_dir / message["run"], message["rank"])
         cursor = self._cursor(path)
+        end = offset + len(data)
         if offset == cursor.offset:
-            self._advance(path, cursor, offset + size)
+            self._advance(path, cursor, end)
             return True
-        if offset < cursor.offset and _size(path) >= cursor.offset:
-            return False
         if offset < cursor.offset:
+            if _size(path) >= cursor.offset:
+                return not _in_spool(path, offset, data)  # read already, unless it is not ours
             cursor.offset = 0  # the file shrank: a new run folder; read it afresh
+
+        # A gap. Reading the spool from the cursor normally takes in this message too. At most
+        # once a second per file: until then the cursor waits at the gap.
+        now = time.monotonic()
+        if now < cursor.next_replay:
+            return True
+        cursor.next_replay = now + REPLAY_COOLDOWN_S
         self.gaps += 1
         self._replay(path, cursor, f"gap: message at byte {offset}, expected {cursor.offset}")
-        if cursor.offset >= offset + size:
-            return False  # the replay read this message too
+        if cursor.offset >= end and _in_spool(path, offset, data):
+            return False
         self._warn_missing(path, cursor, offset)
-        self._advance(path, cursor, offset + size)
+        if not path.exists():
+            self._advance(path, cursor, end)  # no spool here to wait at: follow the sender
         return True
 
     def _advance(self, path: Path, cursor: _Cursor, offset: int) -> None:
@@ -222,6 +233,16 @@ class SpoolWatch:
             os.replace(tmp, file)
         except OSError as exc:
             log.warning("gaps: could not save %s: %s", file, exc)
+
+
+def _in_spool(path: Path, offset: int, data: bytes) -> bool:
+    """Whether `data` is what the spool holds at `offset` (not a message from elsewhere)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(len(data)) == data
+    except OSError:
+        return False
 
 
 def _size(path: Path) -> int:

@@ -207,7 +207,7 @@ class Collector:
         self.stats.received += 1
         try:
             message = wire.decode(data)
-            if not self.spools.observe(message, len(data)):
+            if not self.spools.observe(message, data):
                 return True  # already ingested from its spool file
             self.handle(message)
         except ProtocolError as exc:

@@ -332,6 +332,32 @@ def test_a_gap_with_no_spool_here_takes_the_message_as_it_comes(tmp_path, caplog
     assert sum("collect --replay" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_a_message_with_a_forged_offset_does_not_move_the_cursor_off_the_spool(tmp_path):
+    pub = publisher(tmp_path)
+    path = spool_path(tmp_path / RUN, 0)
+    collector = Collector(runs_dir=tmp_path)
+
+    def deliver_new(already: int) -> int:
+        messages = spool_messages(path)
+        for _, data in messages[already:]:
+            collector.handle_bytes(data)
+        return len(messages)
+
+    send_start(pub)
+    send_steps(pub, range(3))
+    seen = deliver_new(0)
+    forged = {**wire.header(wire.KIND_DYNAMICS, RUN, 0, 99), "step": 99, "metrics": METRICS}
+    collector.handle_bytes(wire.encode({**forged, "spool_offset": 10**9}))
+    send_steps(pub, range(3, 5))
+    deliver_new(seen)
+    pub.close()
+    collector.shutdown()
+
+    assert collector.spools.gaps == 1  # the forged message only; the trainer's stayed in step
+    assert collector.spools.replays == 0
+    assert stored(tmp_path)["steps"] == [0, 1, 2, 3, 4, 99]
+
+
 # --- the tail scan and saved cursors ----------------------------------------------------------
 
 
