@@ -4,7 +4,8 @@ Starts a collector, one trainer per config (torchrun for a config with train.wor
 1) and the dashboard, each as a child process in its own process group, prefixes their output
 lines with who said them, and stops them all on Ctrl-C, SIGTERM or SIGHUP: trainers first (they
 send `run_end`), then the collector (it flushes and commits), then the dashboard. Exits 0 once
-every trainer finished and the collector flushed.
+every trainer finished, the collector flushed, and every trainer's spool was ingested (a last
+replay catches messages still queued when a trainer exited).
 
 With no configs it starts the stack listed in configs/stack.yaml, the same list that
 docker-compose.yml runs (tests/test_stack.py keeps the two in step).
@@ -46,6 +47,7 @@ class TrainerSpec:
     label: str
     config: Path
     world_size: int
+    run_hash: str
 
 
 def resolve_path(text: str | Path) -> Path:
@@ -76,7 +78,8 @@ def plan_trainers(configs: list[str], overrides: list[str]) -> list[TrainerSpec]
         if not path.is_file():
             raise ConfigError(f"config: {str(path)!r} is not a file; see the configs/ folder")
         cfg = load_config(path, overrides)
-        specs.append(TrainerSpec(f"{cfg.name} {run_hash(cfg)}", path, cfg.train.world_size))
+        digest = run_hash(cfg)
+        specs.append(TrainerSpec(f"{cfg.name} {digest}", path, cfg.train.world_size, digest))
     return specs
 
 
@@ -244,6 +247,8 @@ def _run(
     # Trainers are done (or stopped): the collector flushes and commits on SIGTERM.
     collector.signal(signal.SIGTERM)
     collector_code = collector.wait(COLLECTOR_STOP_S)
+    if collector_code == 0 and not stopper.event.is_set():
+        collector_code = _replay_spools(specs, runs_dir, children)
     if dashboard is not None:
         if args.keep_dashboard and not stopper.event.is_set():
             print(
@@ -260,6 +265,21 @@ def _run(
     if collector_code != 0:
         print(f"prismatic: the collector exited with code {collector_code}", file=sys.stderr)
     return trainers_code or (1 if collector_code else 0)
+
+
+def _replay_spools(specs: list[TrainerSpec], runs_dir: str, children: list[Child]) -> int:
+    """Ingest what the collector missed at the very end: a trainer's last messages (run_end
+    among them) that did not leave its queue before it exited. The collector would replay them
+    itself a few seconds later, but it has just been stopped. Idempotent: a step is stored once.
+    """
+    run_dirs = [str(Path(runs_dir) / s.run_hash) for s in specs]
+    run_dirs = [d for d in run_dirs if (Path(d) / "spool").is_dir()]
+    if not run_dirs:
+        return 0
+    replay_args = ["collect", "--runs-dir", runs_dir, "--replay", *run_dirs]
+    replay = Child("replay", _prismatic(*replay_args), quiet=True)
+    children.append(replay)
+    return replay.wait(COLLECTOR_STOP_S)
 
 
 def _check_ports(args: argparse.Namespace) -> None:

@@ -239,3 +239,22 @@ def test_a_data_parallel_run_completes_whatever_order_its_ranks_streams_arrive_i
     collector.shutdown()
     db = tmp_path / "0123456ab" / "dynamics.db"
     assert read_db(db, "SELECT status, world_size FROM run") == [("completed", 2)]
+
+
+def test_the_last_replay_ingests_what_the_collector_never_received(tmp_path):
+    """A trainer whose last messages (run_end among them) never left its queue: after the
+    collector stops, `up` replays the spools, so the run still ends with every step stored."""
+    from prismatic.up import _replay_spools
+    from trainer.loop import train
+
+    overrides = [*TINY, "train.steps=3"]
+    cfg = load_config(REPO / "configs/default.yaml", overrides)
+    runs = tmp_path / "runs"
+    assert train(cfg, runs, collector=f"tcp://127.0.0.1:{free_port()}") == "completed"
+    db = runs / run_hash(cfg) / "dynamics.db"
+    assert not db.exists()  # nobody was listening
+
+    (spec,) = plan_trainers([str(REPO / "configs/default.yaml")], overrides)
+    assert _replay_spools([spec], str(runs), []) == 0
+    assert read_db(db, "SELECT step FROM dynamics ORDER BY step") == [(0,), (1,), (2,)]
+    assert read_db(db, "SELECT status FROM run") == [("completed",)]
