@@ -154,8 +154,16 @@ def steps_in(runs_dir: Path, run: str) -> list[int]:
 
 
 def run_row(runs_dir: Path, run: str) -> dict[str, Any]:
-    conn = db.connect_reader(db_path(runs_dir, run))
+    """The run table's row; {} while the database or the row is not there yet."""
+    path = db_path(runs_dir, run)
+    if not path.is_file():
+        return {}
+    conn = db.connect_reader(path)
     try:
         return db.read_run(conn) or {}
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return {}
+        raise
     finally:
         conn.close()
