@@ -7,6 +7,7 @@ is live, the view sits in a fragment that re-runs on a timer, so the page update
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -23,8 +24,10 @@ from dashboard.cache import RunCache  # noqa: E402
 from dashboard.serve import RUNS_DIR_ENV  # noqa: E402
 from prismatic.config import DEFAULT_RUNS_DIR  # noqa: E402
 
+log = logging.getLogger("dashboard.app")
 REFRESH_S = 3.0
-VIEWS = ("Dynamics", "Divergence", "Routing", "Loss", "Layers", "Heatmap", "Compare", "Runs")
+RUN_BROWSER = "Run browser"
+VIEWS = ("Dynamics", "Divergence", "Routing", "Loss", "Layers", "Heatmap", "Compare", RUN_BROWSER)
 ALL_LAYERS = "all layers"
 
 
@@ -56,7 +59,9 @@ def sidebar_runs(runs: list[data.RunInfo]) -> RunChoice:
     descending = side.toggle("Descending", value=True, key="descending")
     shown = data.sort_runs(data.filter_runs(runs, text, statuses), sort_key, descending)
     by_hash = {r.run_hash: r for r in runs}
-    default = [r.run_hash for r in default_runs(runs) if r in shown]
+    linked = st.query_params.get_all("run")  # ?run=HASH&run=HASH opens those runs
+    default = [h for h in linked if h in by_hash] or [r.run_hash for r in default_runs(runs)]
+    default = [h for h in default if by_hash[h] in shown]
     opened = side.multiselect(
         "Open (several to compare)",
         [r.run_hash for r in shown],
@@ -178,28 +183,34 @@ def live_view(view: str, folder: Path, hashes: list[str], options: dict) -> None
 
 
 def main() -> None:
+    started = time.perf_counter()
     st.set_page_config(page_title="Prismatic Dynamics", page_icon="🔺", layout="wide")
     st.title("Prismatic Dynamics")
-    folder = runs_dir()
+    view = page(runs_dir())
+    log.debug("dashboard: %s page ran in %.3f s", view, time.perf_counter() - started)
+
+
+def page(folder: Path) -> str:
+    """Draws the page; returns the view shown (for the timing log line)."""
     problem = problems.diagnose_runs_dir(folder)
     if problem is not None:
         views.show_problem(problem)
-        return
+        return "no data"
     runs = data.list_runs(folder)
     choice = sidebar_runs(runs)
     view = view_picker()
-    if view == "Runs":
+    if view == RUN_BROWSER:
         views.runs_browser(choice.shown, len(runs))
-        return
-    if not choice.opened:
-        st.info("Open a run in the sidebar (*Open*), or look through them in *Runs*.")
-        return
-    opened = open_runs(folder, choice.opened)
-    options = view_options(view, opened)
-    if any(r.info.status == "live" for r in opened):
-        live_view(view, folder, choice.opened, options)
+    elif not choice.opened:
+        st.info(f"Open a run in the sidebar (*Open*), or look through them in *{RUN_BROWSER}*.")
     else:
-        show_view(view, folder, choice.opened, options)
+        opened = open_runs(folder, choice.opened)
+        options = view_options(view, opened)
+        if any(r.info.status == "live" for r in opened):
+            live_view(view, folder, choice.opened, options)
+        else:
+            show_view(view, folder, choice.opened, options)
+    return view
 
 
 main()

@@ -79,7 +79,7 @@ def norm_trace(df: pd.DataFrame, expert: int, tier: str) -> tuple[dict | None, i
         return None, left_out
     name = series_name(expert, tier)
     trace = {
-        "type": "scattergl",
+        "type": "scatter",
         "x": x,
         "y": y,
         "mode": "lines",
@@ -124,7 +124,8 @@ def figure_csv(fig: go.Figure) -> str:
     for trace in fig.data:
         x = np.asarray(trace.x if trace.x is not None else [])
         y = np.asarray(trace.y if trace.y is not None else [])
-        parts.extend(zip([trace.name] * len(x), x.tolist(), y.tolist(), strict=True))
+        name = f"{trace.meta} {trace.name}" if trace.meta else trace.name
+        parts.extend(zip([name] * len(x), x.tolist(), y.tolist(), strict=True))
     out = io.StringIO()
     pd.DataFrame(parts, columns=["series", "step", "value"]).to_csv(out, index=False)
     return out.getvalue()

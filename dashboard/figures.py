@@ -40,7 +40,7 @@ COMPARE_METRICS = {
 def _line(df: pd.DataFrame, column: str, name: str, log_axis: bool = False, **style) -> dict:
     x, y, _ = finite_series(df["step"].to_numpy(), df[column].to_numpy(dtype=float), log_axis)
     return {
-        "type": "scattergl",
+        "type": "scatter",
         "x": x,
         "y": y,
         "mode": style.pop("mode", "lines"),
@@ -71,12 +71,7 @@ def divergence_figure(df: pd.DataFrame) -> go.Figure:
         if e > 0 and expert_column(e, "divergence") in df.columns
     ]
     fig = _figure(traces, "divergence (1 − cosine to expert 0)")
-    fig.add_hline(
-        y=verdict.MEANINGFUL, line_dash="dot", line_color="green", annotation_text="meaningful"
-    )
-    fig.add_hline(
-        y=verdict.CONVERGING, line_dash="dot", line_color="red", annotation_text="converging"
-    )
+    _thresholds(fig)
     return fig
 
 
@@ -145,8 +140,12 @@ def layers_figure(
                     left_out.per_series[name] = lost
                 if trace is None:
                     continue
-                trace.update(name=name, showlegend=row == 1, legendgroup=f"{expert} {tier}")
-                trace["hovertemplate"] = f"{name}: %{{y:.6g}}<extra></extra>"
+                # One legend entry per expert and tier toggles it in every layer; `meta`
+                # keeps the layer for the hover and the CSV.
+                trace.update(showlegend=row == 1, legendgroup=f"{expert} {tier}")
+                trace.update(
+                    meta=f"layer {layer}", hovertemplate=f"{name}: %{{y:.6g}}<extra></extra>"
+                )
                 fig.add_trace(trace, row=row, col=1)
         fig.update_yaxes(type="log", title_text="grad norm", row=row, col=1)
     fig.update_xaxes(title_text="training step", row=len(chosen), col=1)
@@ -191,7 +190,7 @@ def heatmap_figure(means: pd.DataFrame, first_step: int, last_step: int) -> go.F
         title={
             "text": f"mean gradient norm per layer, expert and tier, steps {first_step}–{last_step}"
         },
-        height=160 + 60 * len(means.index),
+        height=max(320, 160 + 60 * len(means.index)),
         margin={"l": 80, "r": 20, "t": 60, "b": 140},
         xaxis={"tickangle": -35},
         yaxis={"autorange": "reversed"},
@@ -220,4 +219,17 @@ def compare_figure(runs: list[tuple[str, pd.DataFrame]], metric_label: str) -> g
             name = f"{label} · expert {e}"
             traces.append(_line(df, expert_column(e, metric), name, log_y, line=style))
     title = f"{metric_label}{' (log scale)' if log_y else ''}"
-    return _figure(traces, title, log_y, height=480)
+    fig = _figure(traces, title, log_y, height=480)
+    if metric == "divergence":
+        _thresholds(fig)
+    return fig
+
+
+def _thresholds(fig: go.Figure) -> None:
+    """The design note's divergence thresholds as labelled horizontal lines."""
+    fig.add_hline(
+        y=verdict.MEANINGFUL, line_dash="dot", line_color="green", annotation_text="meaningful"
+    )
+    fig.add_hline(
+        y=verdict.CONVERGING, line_dash="dot", line_color="red", annotation_text="converging"
+    )

@@ -4,6 +4,7 @@ widgets of its own except download buttons, so app.main() stays a switch between
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -63,13 +64,14 @@ def show_problem(problem: Problem) -> None:
     st.info(f"**Fix:** {problem.fix}", icon=":material/build:")
 
 
-def download(csv: str, name: str, key: str) -> None:
+def download(csv: str | Callable[[], str], name: str, key: str) -> None:
     st.download_button("Download CSV of this chart", csv, name, mime="text/csv", key=key)
 
 
 def chart(fig: go.Figure, key: str, file_name: str) -> None:
     st.plotly_chart(fig, key=key, config={"displaylogo": False})
-    download(charts.figure_csv(fig), file_name, f"csv_{key}")
+    # Built on click, not on every (live) rerun.
+    download(lambda: charts.figure_csv(fig), file_name, f"csv_{key}")
 
 
 # --- header and verdict --------------------------------------------------------------------------

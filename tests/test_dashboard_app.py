@@ -242,13 +242,16 @@ def test_routing_and_loss_views(tmp_path, monkeypatch):
 def test_layers_view_shows_one_layer_or_all(known, monkeypatch):
     at = switch(open_page(known, monkeypatch), "Layers")
     [every] = plotly_figures(at)
-    names = trace_names(every)
-    assert sum(n.startswith("layer 0 ") for n in names) == 9
-    assert sum(n.startswith("layer 1 ") for n in names) == 9
+    layers = [t["meta"] for t in every["data"]]
+    assert layers.count("layer 0") == layers.count("layer 1") == 9
+    # one legend entry per expert and tier, toggling it in every layer
+    shown = [t["name"] for t in every["data"] if t.get("showlegend", True)]
+    assert len(shown) == 9 and "expert 1 (perturbed) bottom 5%" in shown
     at.sidebar.selectbox(key="layer").set_value(1).run()
     [one] = plotly_figures(at)
-    assert all(n.startswith("layer 1 ") for n in trace_names(one))
-    bottom_1 = next(t for t in one["data"] if t["name"] == "layer 1 expert 1 (perturbed) bottom 5%")
+    assert {t["meta"] for t in one["data"]} == {"layer 1"}
+    bottom_1 = next(t for t in one["data"] if t["name"] == "expert 1 (perturbed) bottom 5%")
+    assert bottom_1["hovertemplate"].startswith("layer 1 expert 1 (perturbed) bottom 5%: ")
     # layer 1 holds 1.5 x the layer mean by construction
     expected = [1.5 * known_value("bottom_norm", 1, s) for s in KNOWN_STEPS]
     assert np.allclose(values(bottom_1["y"]), expected)

@@ -163,3 +163,13 @@ def test_one_layer_in_the_wide_shape(tmp_path):
     expected = synthetic_metrics(10)["bottom_norm"][1][2]
     assert wide.loc[1, db.expert_column(2, "bottom_norm")] == pytest.approx(expected)
     assert db.expert_column(0, "divergence") not in wide.columns
+
+
+def test_layer_chart_csv_names_each_layer(tmp_path):
+    from dashboard import figures
+
+    path = write_run(tmp_path, "aaaaaaaaa", synthetic_rows(range(0, 30, 10))) / db.DB_NAME
+    fig, _ = figures.layers_figure(data.load_layers(path), [0, 1], ["bottom"])
+    csv = pd.read_csv(io.StringIO(charts.figure_csv(fig)))
+    assert "layer 1 expert 2 (perturbed) bottom 5%" in set(csv["series"])
+    assert len(set(csv["series"])) == 6  # 2 layers x 3 experts

@@ -50,7 +50,7 @@ def runs(tmp_path):
 def browser(runs, monkeypatch) -> AppTest:
     monkeypatch.setenv(RUNS_DIR_ENV, str(runs))
     at = AppTest.from_file(str(APP), default_timeout=120).run()
-    at.radio(key="view").set_value("Runs").run()
+    at.radio(key="view").set_value("Run browser").run()
     assert not at.exception, at.exception
     return at
 
