@@ -59,6 +59,13 @@ def parse_args() -> argparse.Namespace:
         "--warmup", type=float, default=None, help="seconds (default: 10%% of the duration)"
     )
     parser.add_argument("--runs-dir", help="default: a temporary folder, removed afterwards")
+    parser.add_argument(
+        "--memory-breakdown",
+        type=int,
+        metavar="STEPS",
+        help="instead: feed STEPS messages per sender to an in-process collector and print "
+        "where its memory goes (SQLite vs Python heap) every 500 steps",
+    )
     return parser.parse_args()
 
 
@@ -83,9 +90,12 @@ def metrics(rng: random.Random) -> dict[str, list[list[float]]]:
 
 
 def sender_worker(
-    senders: list[int], address: str, runs_dir: str, duration: float, rate: float, out
+    senders: list[int], address: str, runs_dir: str, duration: float, rate: float, go, out
 ) -> None:
-    """Publish from `senders` on a shared schedule; put {sender: (sent, dropped)} on `out`."""
+    """Publish from `senders` on a shared schedule; put {sender: (sent, dropped)} on `out`.
+
+    Every worker waits at the `go` barrier once its publishers are up, so that all senders
+    start together and the soak's clock starts with them, not with the process start-up."""
     rng = random.Random(senders[0])
     pubs = {}
     for sender in senders:
@@ -102,6 +112,7 @@ def sender_worker(
         )
 
     # Each sender at its own phase, so the load is spread as independent trainers spread it.
+    go.wait()
     start = time.monotonic()
     period = 1.0 / rate
     queue = [(start + rng.random() * period, sender, 0) for sender in senders]
@@ -153,10 +164,14 @@ def stored_rows(runs_dir: Path) -> int:
     return total
 
 
-def memory_summary(samples: list[tuple[float, float]], warmup: float) -> dict:
-    """Peak, after warm-up, end, and the least-squares slope (MB/min) after warm-up."""
-    peak = max(mb for _, mb in samples)
-    after = [(t, mb) for t, mb in samples if t >= warmup] or samples[-1:]
+def memory_summary(
+    sending: list[tuple[float, float]], draining: list[tuple[float, float]], warmup: float
+) -> dict:
+    """Peak over the whole soak; flatness while sending, after warm-up (least-squares slope in
+    MB/min and growth). Draining the backlog after the senders stop is reported apart: the
+    messages still queued in the collector's socket take memory until they are handled."""
+    everything = sending + draining
+    after = [(t, mb) for t, mb in sending if t >= warmup] or sending[-1:]
     t0, at_warmup = after[0]
     n = len(after)
     mean_t = sum(t for t, _ in after) / n
@@ -165,14 +180,51 @@ def memory_summary(samples: list[tuple[float, float]], warmup: float) -> dict:
     slope = sum((t - mean_t) * (mb - mean_mb) for t, mb in after) / var if var else 0.0
     growth = max(mb for _, mb in after) - at_warmup
     return {
-        "peak_rss_mb": round(peak, 1),
+        "peak_rss_mb": round(max(mb for _, mb in everything), 1),
         "rss_after_warmup_mb": round(at_warmup, 1),
-        "rss_end_mb": round(samples[-1][1], 1),
+        "rss_end_of_sending_mb": round(sending[-1][1], 1),
         "growth_after_warmup_mb": round(growth, 1),
         "slope_mb_per_min": round(slope * 60, 3),
         # Flat: after warm-up it grew by less than 5 % (and 10 MB), with no steady climb left.
         "flat": growth < min(10.0, 0.05 * at_warmup) and slope * 60 < 0.5,
+        "peak_rss_draining_mb": round(max((mb for _, mb in draining), default=0.0), 1),
     }
+
+
+def memory_breakdown(senders: int, steps: int, runs_dir: Path) -> dict:
+    """Resident memory vs SQLite's own allocations vs the Python heap, as databases grow."""
+    import ctypes
+    import ctypes.util
+    import tracemalloc
+
+    from collector.service import Collector
+
+    sqlite = ctypes.CDLL(ctypes.util.find_library("sqlite3"))
+    sqlite.sqlite3_memory_used.restype = ctypes.c_int64
+    collector = Collector(runs_dir=runs_dir)
+    rng = random.Random(0)
+    runs = [run_hash(sender) for sender in range(senders)]
+    tracemalloc.start()
+    for run in runs:
+        start = wire.header(wire.KIND_RUN_START, run, 0, 0)
+        collector.handle_bytes(wire.encode({**start, "config": {}, "model": {}, "world_size": 1}))
+    row = {}
+    for step in range(steps):
+        for run in runs:
+            message = {**wire.header(wire.KIND_DYNAMICS, run, 0, step + 1), "step": step}
+            collector.handle_bytes(wire.encode({**message, "metrics": metrics(rng)}))
+        if step % 5 == 4:
+            collector.flush()
+        if step % 500 == 499 or step == steps - 1:
+            row = {
+                "step": step + 1,
+                "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
+                "sqlite_mb": round(sqlite.sqlite3_memory_used() / 2**20, 1),
+                "python_heap_mb": round(tracemalloc.get_traced_memory()[0] / 2**20, 1),
+            }
+            print(f"soak: breakdown {row}", flush=True)
+    collector.shutdown()
+    return row
 
 
 def replayed_messages(log_text: str) -> int:
@@ -197,18 +249,19 @@ def soak(args: argparse.Namespace, runs_dir: Path) -> dict:
     # Senders, split over worker processes.
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    groups = [list(range(args.senders))[i :: args.workers] for i in range(args.workers)]
+    groups = [g for i in range(args.workers) if (g := list(range(args.senders))[i :: args.workers])]
+    go = ctx.Barrier(len(groups) + 1)
     workers = [
         ctx.Process(
             target=sender_worker,
-            args=(g, address, str(runs_dir), args.duration, args.rate, results),
+            args=(g, address, str(runs_dir), args.duration, args.rate, go, results),
         )
         for g in groups
-        if g
     ]
-    started = time.monotonic()
     for w in workers:
         w.start()
+    go.wait(timeout=300)
+    started = time.monotonic()
 
     # Sample the collector's memory until the senders are done.
     samples: list[tuple[float, float]] = []
@@ -234,10 +287,16 @@ def soak(args: argparse.Namespace, runs_dir: Path) -> dict:
     dropped = sum(d for _, d in per_sender.values())
 
     # Let the collector store what is in flight (or replay it), then stop it cleanly.
-    deadline = time.monotonic() + 60
-    while stored_rows(runs_dir) < sent and time.monotonic() < deadline:
-        samples.append((time.monotonic() - started, rss.memory_info().rss / 2**20))
+    draining: list[tuple[float, float]] = []
+    drain_started = time.monotonic()
+    stored, progress_at = stored_rows(runs_dir), time.monotonic()
+    while stored < sent and time.monotonic() - progress_at < 30:
+        draining.append((time.monotonic() - started, rss.memory_info().rss / 2**20))
         time.sleep(1.0)
+        now_stored = stored_rows(runs_dir)
+        if now_stored > stored:
+            stored, progress_at = now_stored, time.monotonic()
+    drain_s = time.monotonic() - drain_started
     collector.send_signal(signal.SIGTERM)
     collector.wait(60)
     stored = stored_rows(runs_dir)
@@ -246,7 +305,8 @@ def soak(args: argparse.Namespace, runs_dir: Path) -> dict:
         "sent": sent,
         "stored": stored,
         "lost": sent - stored,
-        **memory_summary(samples, warmup),
+        **memory_summary(samples, draining, warmup),
+        "drain_s": round(drain_s, 1),
         "senders": args.senders,
         "duration_s": args.duration,
         "rate_per_sender": args.rate,
@@ -258,6 +318,11 @@ def soak(args: argparse.Namespace, runs_dir: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
+    if args.memory_breakdown:
+        with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+            row = memory_breakdown(args.senders, args.memory_breakdown, Path(tmp))
+        print(json.dumps(row), flush=True)
+        return
     if args.runs_dir:
         runs_dir = Path(args.runs_dir)
         runs_dir.mkdir(parents=True, exist_ok=True)
@@ -267,10 +332,10 @@ def main() -> None:
             result = soak(args, Path(tmp))
     print(
         f"soak: sent {result['sent']}, stored {result['stored']}, lost {result['lost']}; "
-        f"collector rss peak {result['peak_rss_mb']} MB, after warm-up "
-        f"{result['rss_after_warmup_mb']} MB, end {result['rss_end_mb']} MB "
-        f"({result['slope_mb_per_min']:+} MB/min after warm-up: "
-        f"{'flat' if result['flat'] else 'NOT flat'})",
+        f"collector rss peak {result['peak_rss_mb']} MB; while sending: after warm-up "
+        f"{result['rss_after_warmup_mb']} MB, at the end {result['rss_end_of_sending_mb']} MB "
+        f"({result['slope_mb_per_min']:+} MB/min: {'flat' if result['flat'] else 'NOT flat'}); "
+        f"{result['drain_s']} s to store the backlog",
         flush=True,
     )
     print(json.dumps(result), flush=True)
