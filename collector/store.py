@@ -78,6 +78,7 @@ class RunStore:
         self._run_counts: dict[str, int] = {}
         self.last_write = time.monotonic()
         self.rows_written = 0
+        self.unwritable_rows = 0  # rows dropped because SQLite could not hold them
 
     # --- buffering -----------------------------------------------------------------------------
 
@@ -124,6 +125,8 @@ class RunStore:
             for key, n in counts.items():
                 self._run_counts[key] = self._run_counts.get(key, 0) + n
             raise
+        except (OverflowError, ValueError, TypeError) as exc:
+            written = self._salvage(steps, updates, counts, exc)
         self.rows_written += len(written)
         self.last_write = time.monotonic()
         return written
@@ -141,6 +144,27 @@ class RunStore:
             if updates or counts:
                 self._write_run(updates, counts)
         return rows
+
+    def _salvage(
+        self, steps: list[StepRow], updates: dict[str, Any], counts: dict[str, int], exc: Exception
+    ) -> list[StepRow]:
+        """A row SQLite cannot hold got past validation (a bug): write the others one by one,
+        drop that one loudly, and keep the collector running."""
+        written: list[StepRow] = []
+        for row in steps:
+            try:
+                written += self._write([row], {}, {})
+            except (OverflowError, ValueError, TypeError):
+                self.unwritable_rows += 1
+        self._write([], updates, counts)
+        log.error(
+            "store: %s: dropped %d row(s) SQLite cannot hold (%s); %d written",
+            self.path,
+            len(steps) - len(written),
+            exc,
+            len(written),
+        )
+        return written
 
     def _ensure_expert_columns(self, n_experts: int) -> None:
         missing = [

@@ -41,6 +41,7 @@ COUNT_METRICS = ("nonfinite",)
 NON_NEGATIVE_METRICS = frozenset((*TIER_METRICS, "norm", "weight_drift", "nonfinite"))
 _METRIC_SET = frozenset(EXPERT_METRICS)
 
+MAX_COUNT = 2**40  # per layer and expert: summed over 512 layers and 4097 ranks it fits int64
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_STEP = 10**12
 MAX_LAYERS = 512
@@ -288,6 +289,9 @@ def _validate_table(name: str, table: list) -> tuple[list[list[float | None]], i
     for row in table:
         if type(row) is not list or not 0 < len(row) <= MAX_EXPERTS:
             raise ProtocolError("bad_shape", f"{name}: expected 1..{MAX_EXPERTS} experts")
+        if name in COUNT_METRICS:
+            rows.append(_clean_counts(name, row))
+            continue
         # Fast path (the trainer's messages): all floats, their sum finite (so each is finite).
         if all(type(v) is float for v in row):
             total = sum(row)
@@ -318,6 +322,21 @@ def _clean_row(name: str, row: list, non_negative: bool) -> tuple[list[float | N
         else:
             values.append(value)
     return values, nonfinite
+
+
+def _clean_counts(name: str, row: list) -> list[float | None]:
+    """Counts: whole numbers in 0..MAX_COUNT (sent as floats by the probe), or None."""
+    values: list[float | None] = []
+    for value in row:
+        if value is None:
+            values.append(None)
+            continue
+        if type(value) not in (int, float) or not 0 <= value <= MAX_COUNT:
+            raise ProtocolError("bad_value", f"{name}: {repr(value)[:40]}")
+        if type(value) is float and not value.is_integer():
+            raise ProtocolError("bad_value", f"{name}: {value} is not a count")
+        values.append(float(value))
+    return values
 
 
 def _from_design_note(raw: dict) -> dict[str, list[list[Any]]]:

@@ -3,6 +3,9 @@ a thread on a real socket, and reads of the real `dynamics.db` files it writes."
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import sqlite3
 import threading
 import time
@@ -96,6 +99,10 @@ def running(collector: Collector) -> Iterator[Collector]:
         raise RuntimeError(f"collector did not start: {result.get('error')!r}")
     try:
         yield collector
+    except BaseException:
+        if "error" in result:  # the loop died first: that is the failure to report
+            raise result["error"] from None
+        raise
     finally:
         collector.stop()
         thread.join(30)
@@ -167,3 +174,76 @@ def run_row(runs_dir: Path, run: str) -> dict[str, Any]:
         raise
     finally:
         conn.close()
+
+
+SERVICE_REASONS = ("bad_rank", "bad_database")
+RUN_STATUSES = ("live", "stale", "completed", "failed", "interrupted")
+_LAYER_METRIC_COLUMNS = tuple(m for m in wire.EXPERT_METRICS)
+_EXPERT_COLUMN = re.compile(r"^expert_(\d+)_([a-z_]+)$")
+
+
+def assert_databases_sound(runs_dir: Path) -> int:
+    """Every dynamics.db under runs_dir holds only rows a valid message could produce: numbers
+    that are finite or NULL, non-negative norms, known columns, readable JSON, known statuses.
+    Returns how many databases were checked."""
+    checked = 0
+    for path in sorted(runs_dir.rglob(db.DB_NAME)):
+        assert wire.RUN_HASH_RE.match(path.parent.name), path
+        assert path.parent.parent == runs_dir, f"a database outside the runs folder: {path}"
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            _check_dynamics(conn)
+            _check_layers(conn)
+            _check_run(conn, path.parent.name)
+        finally:
+            conn.close()
+        checked += 1
+    return checked
+
+
+def _finite_or_null(value: Any, where: str) -> None:
+    assert value is None or (type(value) in (int, float) and math.isfinite(value)), (where, value)
+
+
+def _check_dynamics(conn: sqlite3.Connection) -> None:
+    columns = db.table_columns(conn, "dynamics")
+    for column in columns:
+        if column in ("step", *db.STEP_COLUMNS):
+            continue
+        match = _EXPERT_COLUMN.match(column)
+        assert match, column
+        metric = match.group(2)
+        assert metric in (*db.WIDE_METRICS, "clean_norm", "perturbed_norm"), column
+        assert int(match.group(1)) < wire.MAX_EXPERTS, column
+    for row in conn.execute("SELECT * FROM dynamics"):
+        record = dict(zip(columns, row, strict=True))
+        assert type(record["step"]) is int and 0 <= record["step"] <= wire.MAX_STEP, record
+        assert type(record["ranks_reported"]) is int and record["ranks_reported"] >= 1, record
+        assert type(record["nonfinite"]) is int and record["nonfinite"] >= 0, record
+        for column, value in record.items():
+            _finite_or_null(value, column)
+            if value is not None and column.endswith("norm"):
+                assert value >= 0, (column, value)
+
+
+def _check_layers(conn: sqlite3.Connection) -> None:
+    columns = db.table_columns(conn, "layer_dynamics")
+    assert set(columns) == {"step", "layer", "expert", *_LAYER_METRIC_COLUMNS}, columns
+    for row in conn.execute("SELECT * FROM layer_dynamics"):
+        record = dict(zip(columns, row, strict=True))
+        assert 0 <= record["layer"] < wire.MAX_LAYERS and 0 <= record["expert"] < wire.MAX_EXPERTS
+        for column, value in record.items():
+            _finite_or_null(value, column)
+            if value is not None and column in wire.NON_NEGATIVE_METRICS:
+                assert value >= 0, (column, value)
+
+
+def _check_run(conn: sqlite3.Connection, run_hash: str) -> None:
+    rows = conn.execute("SELECT run_hash, status, config, model, versions FROM run").fetchall()
+    assert len(rows) <= 1
+    for found, status, *documents in rows:
+        assert found == run_hash
+        assert status is None or status in RUN_STATUSES, status
+        for text in documents:
+            assert text is None or isinstance(json.loads(text), dict), text

@@ -163,6 +163,22 @@ def test_a_failed_flush_keeps_its_rows_for_the_next_try(tmp_path: Path) -> None:
     assert _select(path, "SELECT status FROM run") == [("live",)]
 
 
+def test_a_row_sqlite_cannot_hold_is_dropped_and_the_others_written(tmp_path: Path) -> None:
+    # Validation keeps such rows out; this is the store's last line of defence against a gap.
+    store = RunStore(tmp_path / RUN_A)
+    bad = _row(20)
+    bad.nonfinite = 2**70
+    for row in (_row(10), bad, _row(30)):
+        store.add_step(row)
+    store.update_run(status="live")
+    assert [r.step for r in store.flush()] == [10, 30]
+    assert store.unwritable_rows == 1
+    store.close()
+    path = tmp_path / RUN_A / db.DB_NAME
+    assert _select(path, "SELECT step FROM dynamics") == [(10,), (30,)]
+    assert _select(path, "SELECT status FROM run") == [("live",)]
+
+
 def test_new_experts_add_columns(tmp_path: Path) -> None:
     store = RunStore(tmp_path / RUN_A)
     wide = decode(encode(dynamics(RUN_A, 1)))

@@ -123,6 +123,8 @@ def test_the_fast_path_and_the_slow_path_agree() -> None:
         ({"metrics": {"top_norm": [[True]]}}, "bad_value"),
         ({"metrics": {"top_norm": [[-1.0]]}}, "bad_value"),
         ({"metrics": {"nonfinite": [[-2]]}}, "bad_value"),
+        ({"metrics": {"nonfinite": [[1e300]]}}, "bad_value"),  # not a count SQLite can hold
+        ({"metrics": {"nonfinite": [[0.5]]}}, "bad_value"),
     ],
 )
 def test_malformed_dynamics_are_rejected_with_their_reason(change: dict, reason: str) -> None:
