@@ -7,6 +7,8 @@ import json
 import math
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -247,3 +249,79 @@ def _check_run(conn: sqlite3.Connection, run_hash: str) -> None:
         assert status is None or status in RUN_STATUSES, status
         for text in documents:
             assert text is None or isinstance(json.loads(text), dict), text
+
+
+# --- real processes ----------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sender_main(address: str, run: str, rank: int, world: int, steps: int, every: int = 10) -> None:
+    """A stand-in trainer rank in its own process: run_start, `steps` logged steps, run_end."""
+    context = zmq.Context()
+    sock = context.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 30_000)
+    sock.connect(address)
+    send(sock, run_start(run, world, rank=rank))
+    for i in range(steps):
+        send(sock, dynamics(run, i * every, rank=rank, seq=i + 1))
+    send(sock, run_end(run, rank=rank, last_step=(steps - 1) * every))
+    sock.close()
+    context.term()  # returns once everything queued was sent
+
+
+def start_sender(address: str, run: str, rank: int, world: int, steps: int) -> subprocess.Popen:
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from collector_support import sender_main; "
+        f"sender_main({address!r}, {run!r}, {rank}, {world}, {steps})"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+
+
+class CollectProcess:
+    """`prismatic collect` in its own process on an ephemeral TCP port; its log lines kept."""
+
+    def __init__(self, runs_dir: Path, *args: str) -> None:
+        command = [sys.executable, "-m", "prismatic.cli", "collect"]
+        command += ["--bind", "tcp://127.0.0.1:*", "--runs-dir", str(runs_dir), *args]
+        self.proc = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        listening = wait_for(
+            lambda: (
+                next((line for line in self.lines if "listening on" in line), None)
+                or self.proc.poll() is not None
+            ),
+            timeout=60,
+            what="prismatic collect to listen",
+        )
+        if self.proc.poll() is not None:
+            raise RuntimeError("prismatic collect exited:\n" + "\n".join(self.lines))
+        self.address = re.search(r"listening on (tcp://\S+),", listening).group(1)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> CollectProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
