@@ -325,3 +325,64 @@ class CollectProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def rate_sender_main(address: str, run: str, rate: int, seconds: float) -> None:
+    """Send `rate` dynamics messages a second for `seconds`, on a steady schedule."""
+    context = zmq.Context()
+    sock = context.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 30_000)
+    sock.connect(address)
+    send(sock, run_start(run))
+    started = time.monotonic()
+    total = int(rate * seconds)
+    for step in range(total):
+        due = started + step / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        send(sock, dynamics(run, step))
+    sock.close()
+    context.term()
+    print(json.dumps({"sent": total, "seconds": time.monotonic() - started}), flush=True)
+
+
+def dashboard_reader_main(path: str, seconds: float, keep_open: bool) -> None:
+    """Poll a dynamics.db the way the dashboard does, through prismatic.db's read functions;
+    print what it saw and every error (a 'database is locked' would be one)."""
+    errors: list[str] = []
+    polls = max_step = 0
+    conn = None
+    last_step, last_updated = -1, 0.0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if conn is None:
+                conn = db.connect_reader(Path(path))
+            if db.read_schema_version(conn) is not None:
+                db.read_run(conn)
+                db.count_steps(conn)
+                columns, rows = db.read_dynamics_changed(conn, last_step, last_updated)
+                if rows:
+                    last_step = max(last_step, max(r[0] for r in rows))
+                    updated = columns.index("updated")
+                    last_updated = max(last_updated, max(r[updated] for r in rows))
+                db.read_layer_dynamics(conn, max(0, last_step - 50), last_step)
+                max_step = max(max_step, last_step)
+            polls += 1
+        except sqlite3.Error as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            if conn is not None and not keep_open:
+                conn.close()
+                conn = None
+        time.sleep(0.05)
+    print(json.dumps({"polls": polls, "max_step": max_step, "errors": errors[:20]}), flush=True)
+
+
+def start_python(code: str) -> subprocess.Popen:
+    """`code` in a new interpreter that can import collector_support; stdout captured."""
+    prelude = "import sys; sys.path.insert(0, 'tests'); import collector_support as cs; "
+    return subprocess.Popen(
+        [sys.executable, "-c", prelude + code], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
