@@ -19,6 +19,7 @@ The last line printed is one JSON object; `first_chart_s` is the number the issu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -97,28 +98,23 @@ def rerun_time(at: AppTest) -> float:
     return TIMES.seconds[-1]
 
 
-def browser_times(runs_dir: Path) -> dict[str, float] | None:
-    """A real `prismatic dashboard` and Chromium: seconds from navigation to the drawn legend.
+TRIVIAL_PAGE = """
+import plotly.graph_objects as go
+import streamlit as st
 
-    `1k`: the first visit (server cold, the 1,000-step run); `100k`: a new page that opens the
-    long run (`?run=`), cold row cache; `100k_cached`: the same again. For each, the time to the
-    page's title (the browser's own load of the frontend) and to the drawn chart."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        return None
-    if not Path(CHROMIUM).exists():
-        return None
+st.title("floor")
+st.plotly_chart(go.Figure(go.Scatter(x=[1, 2], y=[1, 2], name="a"), layout={"showlegend": True}))
+"""
+
+
+@contextlib.contextmanager
+def server(command: list[str]):
+    """A server process on a free port, until the block ends; yields its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prismatic.cli", "dashboard", "--runs-dir", str(runs_dir)]
-        + ["--port", str(port)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command = [c.replace("{port}", str(port)) for c in command]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     try:
         for _ in range(300):
@@ -127,11 +123,40 @@ def browser_times(runs_dir: Path) -> dict[str, float] | None:
                 break
             except OSError:
                 time.sleep(0.2)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(
-                executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
-            )
-            times = {}
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def browser_times(runs_dir: Path, scratch: Path) -> dict[str, float] | None:
+    """A real `prismatic dashboard` and Chromium: seconds from navigation to the drawn legend.
+
+    `floor`: a trivial Streamlit page with one two-point plotly chart (what the browser costs
+    on this machine whatever the data); `1k`: the dashboard's first visit (server cold, the
+    1,000-step run); `100k`: a new page that opens the long run (`?run=`), cold row cache;
+    `100k_cached`: the same again. For each, the time to the page's title and to the chart."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return None
+    if not Path(CHROMIUM).exists():
+        return None
+    trivial = scratch / "floor.py"
+    trivial.write_text(TRIVIAL_PAGE, encoding="utf-8")
+    streamlit = [sys.executable, "-m", "streamlit", "run", str(trivial), "--server.port", "{port}"]
+    streamlit += ["--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    dashboard = [sys.executable, "-m", "prismatic.cli", "dashboard", "--runs-dir", str(runs_dir)]
+    dashboard += ["--port", "{port}"]
+    times: dict[str, float] = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        with server(streamlit) as url:
+            _chart_after(browser, url)  # the server's first script run
+            times["page_title_floor_s"], times["page_chart_floor_s"] = _chart_after(browser, url)
+        with server(dashboard) as url:
             for name, address in (
                 ("1k", url),
                 ("100k", f"{url}?run={LONG_RUN}"),
@@ -140,11 +165,8 @@ def browser_times(runs_dir: Path) -> dict[str, float] | None:
                 title_s, chart_s = _chart_after(browser, address)
                 times[f"page_title_{name}_s"] = title_s
                 times[f"page_chart_{name}_s"] = chart_s
-            browser.close()
-        return times
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        browser.close()
+    return times
 
 
 def _chart_after(browser, url: str) -> tuple[float, float]:
@@ -193,7 +215,7 @@ def main() -> None:
             both.mkdir()
             for folder, run_hash in (("long", LONG_RUN), ("short", SHORT_RUN)):
                 (both / run_hash).symlink_to(root / folder / run_hash)
-            browser = browser_times(both)
+            browser = browser_times(both, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

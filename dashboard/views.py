@@ -141,7 +141,7 @@ def verdict_panel(run: Opened) -> None:
     with st.expander("The numbers behind the verdict, and its rules"):
         st.caption(verdict.RULES)
         if numbers:
-            st.dataframe(pd.DataFrame(numbers), hide_index=True, key=f"numbers_{run.info.run_hash}")
+            st.table(pd.DataFrame(numbers), hide_index=True, border="horizontal")
 
 
 # --- views ---------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def page(runs, monkeypatch) -> AppTest:
 
 
 def numbers_table(at: AppTest) -> pd.DataFrame:
-    [table] = [d.value for d in at.dataframe if "quantity" in d.value.columns]
+    [table] = [t.value for t in at.table if "quantity" in t.value.columns]
     return table
 
 
@@ -93,4 +93,4 @@ def test_before_enough_points_the_panel_says_so_instead_of_guessing(tmp_path, mo
     markdown = texts(at.markdown)
     assert markdown.count(":gray-badge[not enough data]") == 3
     assert "5 logged step(s) so far; a verdict needs at least 8" in markdown
-    assert not [d for d in at.dataframe if "quantity" in d.value.columns]
+    assert not [t for t in at.table if "quantity" in t.value.columns]
