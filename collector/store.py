@@ -8,12 +8,14 @@ many ranks, so a late duplicate cannot overwrite a complete row with a partial o
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,8 @@ class StepRow:
 
     @property
     def n_experts(self) -> int:
-        return max((len(v) for v in self.layer_mean.values()), default=0)
+        """Every metric of a row has the same number of experts (wire.validate_metrics)."""
+        return len(next(iter(self.layer_mean.values()), ()))
 
 
 class RunStore:
@@ -79,6 +82,7 @@ class RunStore:
         self.last_write = time.monotonic()
         self.rows_written = 0
         self.unwritable_rows = 0  # rows dropped because SQLite could not hold them
+        self._plans: dict[tuple, tuple[tuple[str, ...], list[tuple[str, int]]]] = {}
 
     # --- buffering -----------------------------------------------------------------------------
 
@@ -177,6 +181,7 @@ class RunStore:
             for column in missing:
                 self.conn.execute(f"ALTER TABLE dynamics ADD COLUMN {db.quote(column)} REAL")
         self._columns.update(missing)
+        self._plans.clear()
 
     def _drop_superseded(self, rows: list[StepRow]) -> list[StepRow]:
         """Partial rows (fewer ranks than the world size) never replace a row with more ranks."""
@@ -206,7 +211,10 @@ class RunStore:
             self.conn.executemany(_upsert_sql(names), records)
 
     def _step_values(self, row: StepRow, now: float) -> tuple[tuple[str, ...], list[Any]]:
-        names = ["step", *db.STEP_COLUMNS]
+        layer_mean = row.layer_mean
+        names, cells = self._column_plan(
+            tuple((m, len(v)) for m, v in layer_mean.items() if m in db.WIDE_METRICS)
+        )
         values: list[Any] = [
             row.step,
             row.loss,
@@ -217,16 +225,25 @@ class RunStore:
             row.nonfinite,
             now,
         ]
-        for metric in db.WIDE_METRICS:
-            per_expert = row.layer_mean.get(metric)
-            if per_expert is None:
-                continue
-            for expert, value in enumerate(per_expert):
-                column = _column_name(expert, metric)
-                if column in self._columns:
-                    names.append(column)
-                    values.append(value)
-        return tuple(names), values
+        values += [layer_mean[metric][expert] for metric, expert in cells]
+        return names, values
+
+    def _column_plan(
+        self, shape: tuple[tuple[str, int], ...]
+    ) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+        """For rows of this shape (metric, experts): the column names and the (metric, expert)
+        cell behind each expert column. Cached: every row of a run has the same shape."""
+        plan = self._plans.get(shape)
+        if plan is None:
+            cells = [
+                (metric, expert)
+                for metric, n_experts in shape
+                for expert in range(n_experts)
+                if db.expert_column(expert, metric) in self._columns
+            ]
+            names = ("step", *db.STEP_COLUMNS, *(db.expert_column(e, m) for m, e in cells))
+            plan = self._plans[shape] = (names, cells)
+        return plan
 
     def _write_layers(self, rows: list[StepRow]) -> None:
         groups: dict[tuple[str, ...], list[tuple]] = {}
@@ -235,11 +252,11 @@ class RunStore:
             if not metrics:
                 continue
             tables = [row.per_layer[m] for m in metrics]
+            layers, experts = _cell_index(len(tables[0]), len(tables[0][0]))
+            # One record per (layer, expert): zip the flattened tables, all in C.
+            columns = [chain.from_iterable(t) for t in tables]
             records = groups.setdefault(metrics, [])
-            step = row.step
-            for layer, layer_rows in enumerate(zip(*tables, strict=True)):
-                for expert, values in enumerate(zip(*layer_rows, strict=True)):
-                    records.append((step, layer, expert, *values))
+            records += zip(repeat(row.step), layers, experts, *columns)
         for metrics, records in groups.items():
             cols = ", ".join(db.quote(c) for c in ("step", "layer", "expert", *metrics))
             self.conn.executemany(
@@ -317,16 +334,11 @@ def _latest_per_step(steps: list[StepRow]) -> list[StepRow]:
     return list(best.values()) if len(best) < len(steps) else steps
 
 
-_COLUMN_NAMES: dict[tuple[int, str], str] = {}
-
-
-def _column_name(expert: int, metric: str) -> str:
-    """db.expert_column, memoised: it is on the hot path of every flush."""
-    key = (expert, metric)
-    name = _COLUMN_NAMES.get(key)
-    if name is None:
-        name = _COLUMN_NAMES[key] = db.expert_column(expert, metric)
-    return name
+@functools.cache
+def _cell_index(n_layers: int, n_experts: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(layer, expert) of each cell of a table flattened layer by layer."""
+    layers = tuple(la for la in range(n_layers) for _ in range(n_experts))
+    return layers, tuple(range(n_experts)) * n_layers
 
 
 _UPSERT_SQL: dict[tuple[str, ...], str] = {}

@@ -22,18 +22,36 @@ def mean_over_layers(metrics: dict[str, Table]) -> dict[str, list[float | None]]
     missing values; counts (`nonfinite`) are summed instead."""
     out: dict[str, list[float | None]] = {}
     for name, table in metrics.items():
-        width = len(table[0])
-        if any(len(row) != width for row in table):  # ragged: pad the short layers
-            width = max(len(row) for row in table)
-            table = [row + [None] * (width - len(row)) for row in table]
-        columns = zip(*table, strict=True)
+        try:
+            columns = list(zip(*table, strict=True))
+        except ValueError:  # layers of different widths (only from combined, ragged ranks)
+            out[name] = _mean_with_gaps(name, table)
+            continue
         if name in COUNT_METRICS:
             out[name] = [float(sum(v for v in col if v is not None)) for col in columns]
-        elif len(table) == 1:
-            out[name] = list(table[0])
-        else:
-            out[name] = [_mean(col) for col in columns]
+            continue
+        n_layers = len(table)
+        try:  # fast path: nothing missing (sum raises TypeError on None)
+            out[name] = [sum(col) / n_layers for col in columns]  # type: ignore[arg-type]
+        except TypeError:
+            out[name] = [_column_mean(col, n_layers) for col in columns]
     return out
+
+
+def _column_mean(column: Sequence[float | None], n_layers: int) -> float | None:
+    try:
+        return sum(column) / n_layers  # type: ignore[arg-type]  # fast path: nothing missing
+    except TypeError:
+        return _mean(column)
+
+
+def _mean_with_gaps(name: str, table: Table) -> list[float | None]:
+    width = max(len(row) for row in table)
+    padded = [row + [None] * (width - len(row)) for row in table]
+    columns = zip(*padded, strict=True)
+    if name in COUNT_METRICS:
+        return [float(sum(v for v in col if v is not None)) for col in columns]
+    return [_mean(col) for col in columns]
 
 
 def combine_ranks(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from itertools import chain
 from typing import Any
 
 import msgpack
@@ -40,6 +41,8 @@ COUNT_METRICS = ("nonfinite",)
 # Values of these can never be negative: a negative one is a corrupt message, not a measurement.
 NON_NEGATIVE_METRICS = frozenset((*TIER_METRICS, "norm", "weight_drift", "nonfinite"))
 _METRIC_SET = frozenset(EXPERT_METRICS)
+_LIST_TYPE = {list}
+_FLOAT_OR_NONE = frozenset((float, type(None)))
 
 MAX_COUNT = 2**40  # per layer and expert: summed over 512 layers and 4097 ranks it fits int64
 MAX_MESSAGE_BYTES = 1 << 20
@@ -264,6 +267,8 @@ def validate_metrics(metrics: Any) -> tuple[dict[str, list[list[float | None]]],
     """
     if not isinstance(metrics, dict) or not metrics:
         raise ProtocolError("bad_field", "metrics must be a non-empty map")
+    if _plainly_valid(metrics):
+        return metrics, 0
     shape: tuple[int, int] | None = None
     clean: dict[str, list[list[float | None]]] = {}
     nonfinite = 0
@@ -272,33 +277,76 @@ def validate_metrics(metrics: Any) -> tuple[dict[str, list[list[float | None]]],
             raise ProtocolError("unknown_metric", repr(name)[:40])
         if type(table) is not list or not 0 < len(table) <= MAX_LAYERS:
             raise ProtocolError("bad_shape", f"{name}: expected 1..{MAX_LAYERS} layers")
-        rows, bad = _validate_table(name, table)
-        this_shape = (len(rows), len(rows[0]))
-        if any(len(r) != this_shape[1] for r in rows) or (shape and shape != this_shape):
+        width = _table_width(name, table)
+        if shape and shape != (len(table), width):
             raise ProtocolError("bad_shape", f"{name}: layers or experts differ between metrics")
-        shape = this_shape
-        clean[name] = rows
+        shape = (len(table), width)
+        clean[name], bad = _validate_table(name, table)
         nonfinite += bad
     return clean, nonfinite
 
 
+def _plainly_valid(metrics: dict) -> bool:
+    """The trainer's messages, checked all at once in C (set, map, chain, filter, sum): known
+    names; tables of equally many layers, each a list of equally many experts; floats or None
+    only, all finite and non-negative; counts all zero. False sends the message through the
+    table-by-table checks, which say what is wrong or clean what can be cleaned."""
+    if not metrics.keys() <= _METRIC_SET:
+        return False
+    tables = list(metrics.values())
+    if set(map(type, tables)) != _LIST_TYPE or len(set(map(len, tables))) != 1:
+        return False
+    rows = list(chain.from_iterable(tables))
+    if set(map(type, rows)) != _LIST_TYPE:
+        return False
+    widths = set(map(len, rows))
+    if len(widths) != 1 or not 0 < widths.pop() <= MAX_EXPERTS or len(tables[0]) > MAX_LAYERS:
+        return False
+    values = list(chain.from_iterable(rows))
+    if not set(map(type, values)) <= _FLOAT_OR_NONE:
+        return False
+    # filter(None, ...) drops None and 0.0, both fine; a sum is finite only if every value is.
+    present = list(filter(None, values))
+    total = sum(present)
+    if total - total != 0.0 or (present and min(present) < 0.0):
+        return False
+    counts = metrics.get("nonfinite")
+    return counts is None or not any(chain.from_iterable(counts))
+
+
+def _table_width(name: str, table: list) -> int:
+    """The number of experts: every row a list of the same length, 1..MAX_EXPERTS."""
+    if set(map(type, table)) != _LIST_TYPE:
+        raise ProtocolError("bad_shape", f"{name}: every layer must be a list of experts")
+    widths = set(map(len, table))
+    width = widths.pop()
+    if widths or not 0 < width <= MAX_EXPERTS:
+        raise ProtocolError("bad_shape", f"{name}: expected 1..{MAX_EXPERTS} experts per layer")
+    return width
+
+
 def _validate_table(name: str, table: list) -> tuple[list[list[float | None]], int]:
-    non_negative = name in NON_NEGATIVE_METRICS
+    # Fast path, the trainer's messages: floats and None only, checked a table at a time in C
+    # (set, map, filter, sum). filter(None, ...) drops None and 0.0, which are fine anyway; a
+    # sum is finite only if every value is.
+    flat = list(chain.from_iterable(table))
+    if set(map(type, flat)) <= _FLOAT_OR_NONE:
+        present = list(filter(None, flat))
+        if name in COUNT_METRICS:
+            if not present:  # all zero: the usual count
+                return table, 0
+        else:
+            total = sum(present)
+            if total - total == 0.0 and not (
+                present and name in NON_NEGATIVE_METRICS and min(present) < 0.0
+            ):
+                return table, 0
+    if name in COUNT_METRICS:
+        return [_clean_counts(name, row) for row in table], 0
     rows: list[list[float | None]] = []
     nonfinite = 0
     for row in table:
-        if type(row) is not list or not 0 < len(row) <= MAX_EXPERTS:
-            raise ProtocolError("bad_shape", f"{name}: expected 1..{MAX_EXPERTS} experts")
-        if name in COUNT_METRICS:
-            rows.append(_clean_counts(name, row))
-            continue
-        # Fast path (the trainer's messages): all floats, their sum finite (so each is finite).
-        if all(type(v) is float for v in row):
-            total = sum(row)
-            if total - total == 0.0 and not (non_negative and min(row) < 0.0):
-                rows.append(row)
-                continue
-        clean_row, bad = _clean_row(name, row, non_negative)
+        clean_row, bad = _clean_row(name, row, name in NON_NEGATIVE_METRICS)
         rows.append(clean_row)
         nonfinite += bad
     return rows, nonfinite
