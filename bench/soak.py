@@ -42,7 +42,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from prismatic import wire  # noqa: E402
-from trainer.publisher import Publisher  # noqa: E402
 
 LAYERS, EXPERTS = 4, 3  # configs/default.yaml
 
@@ -59,6 +58,7 @@ def parse_args() -> argparse.Namespace:
         "--warmup", type=float, default=None, help="seconds (default: 10%% of the duration)"
     )
     parser.add_argument("--runs-dir", help="default: a temporary folder, removed afterwards")
+    parser.add_argument("--samples", help="write the collector's RSS, one line a second, here")
     parser.add_argument(
         "--memory-breakdown",
         type=int,
@@ -83,8 +83,12 @@ def free_port() -> int:
 
 
 def metrics(rng: random.Random) -> dict[str, list[list[float]]]:
+    """Every metric of every expert in every layer; `nonfinite` is a count (0 in a good run)."""
     return {
-        name: [[rng.random() for _ in range(EXPERTS)] for _ in range(LAYERS)]
+        name: [
+            [0 if name in wire.COUNT_METRICS else rng.random() for _ in range(EXPERTS)]
+            for _ in range(LAYERS)
+        ]
         for name in wire.EXPERT_METRICS
     }
 
@@ -96,6 +100,8 @@ def sender_worker(
 
     Every worker waits at the `go` barrier once its publishers are up, so that all senders
     start together and the soak's clock starts with them, not with the process start-up."""
+    from trainer.publisher import Publisher  # imports torch (trainer/__init__): workers only
+
     rng = random.Random(senders[0])
     pubs = {}
     for sender in senders:
@@ -286,8 +292,10 @@ def soak(args: argparse.Namespace, runs_dir: Path) -> dict:
     sent = sum(n for n, _ in per_sender.values())
     dropped = sum(d for _, d in per_sender.values())
 
-    # Let the collector store what is in flight (or replay it), then stop it cleanly.
-    draining: list[tuple[float, float]] = []
+    # Let the collector store what is in flight (or replay it), then stop it cleanly. Samples
+    # past the sending window (publishers closing, backlog) count as draining.
+    draining = [(t, mb) for t, mb in samples if t > args.duration]
+    samples = [(t, mb) for t, mb in samples if t <= args.duration]
     drain_started = time.monotonic()
     stored, progress_at = stored_rows(runs_dir), time.monotonic()
     while stored < sent and time.monotonic() - progress_at < 30:
@@ -301,6 +309,12 @@ def soak(args: argparse.Namespace, runs_dir: Path) -> dict:
     collector.wait(60)
     stored = stored_rows(runs_dir)
     log_text = log_path.read_text()
+    if args.samples:
+        lines = [
+            f"{t:.1f},{mb:.1f},{'sending' if t <= args.duration else 'draining'}"
+            for t, mb in samples + draining
+        ]
+        Path(args.samples).write_text("t_s,rss_mb,phase\n" + "\n".join(lines) + "\n")
     return {
         "sent": sent,
         "stored": stored,
