@@ -196,8 +196,8 @@ def throughput(trainer: Trainer, reporters: dict, blocks: int, log_freq: int) ->
 def lower_bound(probe: GradientProbe, reps: int) -> dict[str, float]:
     """What any probe must at least read, each timed like the floor: the gradients (norms), the
     weights (weight_drift) and the scattered 10 % tier positions (top and bottom norms)."""
-    stacked = [p for layer in probe.layers for _, p in layer.stacked_parameters()]
-    tiers = [torch.cat(layer.tiers(name)) for layer in probe.layers for name in layer.param_names]
+    stacked = [slot.param for slot in probe._slots]
+    tiers = [slot.tier_index for slot in probe._slots]  # the probe's own (sorted) tier indices
 
     def weights() -> list[float]:
         return torch.stack([torch.linalg.vector_norm(p.detach()) for p in stacked]).tolist()

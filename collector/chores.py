@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from collector.service import Collector
 
 log = logging.getLogger(__name__)
+WAL_CHECKPOINT_EVERY_S = 0.25  # one store per turn, in rotation
 
 
 class Chores:
@@ -38,9 +39,8 @@ class Chores:
             self._mark_stale()
         if self._due("idle", min(5.0, c.idle_close_s / 2), now):
             self._close_idle(now)
-        if self._due("wal", 5.0, now):
-            for store in c._stores.values():
-                store.checkpoint()
+        if self._due("wal", WAL_CHECKPOINT_EVERY_S, now):
+            c.checkpoint_next()
         if self._due("stats", c.stats_interval_s, now):
             self._log_stats(now)
         c.spools.run_due()

@@ -9,8 +9,13 @@ ingested. Then:
 - a message that starts at the cursor is the next one: the cursor moves past it;
 - a message that starts past the cursor shows a gap (the publisher dropped messages while the
   collector was down, frozen or slow, or this collector process has not seen the start): the
-  file is replayed from the cursor to its end, which includes the message itself;
-- a message that starts before the cursor was already ingested by such a replay: skipped.
+  file is replayed from the cursor to its end, which includes the message itself. At most once
+  a second per file; meanwhile messages are handled as they come and the cursor waits;
+- a message that starts before the cursor was already ingested by such a replay: skipped, if
+  the spool holds the same bytes there (else it came from elsewhere and is handled).
+
+A message the collector rejects never moves a cursor, so the next gap replay reads it again
+and counts its rejection a second time.
 
 No later message reveals a lost tail (the trainer exited while the collector was away), so a
 periodic scan of `<runs dir>/*/spool/` also replays the unread part of every spool file that has

@@ -74,7 +74,7 @@ class Collector:
         runs_dir: Path = Path("build/runs"),
         *,
         context: zmq.Context | None = None,
-        flush_interval_ms: int = 250,
+        flush_interval_ms: int = 100,
         flush_rows: int = 2000,
         rank_timeout_s: float = 30.0,
         stale_after_s: float = 120.0,
@@ -105,6 +105,7 @@ class Collector:
         self._buffered = 0  # step rows added to stores since the last flush
         self._unwritable: dict[str, float] = {}  # run hash -> when opening its database failed
         self._last_warning: dict[str, float] = {}
+        self._checkpoint_turn = 0
         self.spools = SpoolWatch(self)  # replays from spool files what the socket missed
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -177,15 +178,15 @@ class Collector:
                 self._runs[run_hash] = _state_from_row(run)
 
     def shutdown(self) -> bool:
-        """Write every step still waiting for ranks, flush, checkpoint and close all stores.
+        """Write every step still waiting for ranks, commit, checkpoint and close all stores.
 
-        A flush that fails (the database is locked by someone else) is retried for up to
+        A commit that fails (the database is locked by someone else) is retried for up to
         SHUTDOWN_RETRY_S; True if everything received was committed.
         """
         for run_hash, row in self._pending.pop_all():
             self._add_row(run_hash, row)
         deadline = time.monotonic() + SHUTDOWN_RETRY_S
-        while not self.flush() and time.monotonic() < deadline:
+        while not self.commit_all() and time.monotonic() < deadline:
             time.sleep(0.2)
         committed = self.buffered_rows == 0
         for run_hash in list(self._stores):
@@ -348,11 +349,11 @@ class Collector:
                 return
 
     def _close_store(self, run_hash: str) -> bool:
-        """Flush and close; False (and kept open) if the flush failed."""
+        """Commit and close; False (and kept open) if the commit failed."""
         store = self._stores[run_hash]
         self._note_messages(run_hash, store)
         try:
-            self._commit(store, store.flush())
+            self._committed(store, store.flush())
         except sqlite3.Error as exc:
             self._flush_failed(store, exc)
             if not self.stop_event.is_set():
@@ -375,28 +376,47 @@ class Collector:
             store.count("messages", state.unflushed_messages)
             state.unflushed_messages = 0
 
-    def _commit(self, store: RunStore, rows: list[StepRow]) -> None:
+    def _committed(self, store: RunStore, rows: list[StepRow]) -> None:
         self.stats.rows_written += len(rows)
         if rows and self.on_commit is not None:
             self.on_commit(store.run_hash, rows)
 
     def flush(self) -> bool:
-        """Commit every store's buffered rows; False if some store refused (kept for later)."""
+        """Commit every store's buffered rows, one transaction per store; False if some store
+        refused (its rows stay buffered for the next flush).
+
+        Synchronous on purpose: a writer thread was measured slower, not faster (bench/
+        collector.py), as the GIL hand-offs around each SQLite step cost more than they save.
+        """
         ok = True
-        for run_hash, store in list(self._stores.items()):
+        for run_hash, store in self._stores.items():
             self._note_messages(run_hash, store)
             try:
-                self._commit(store, store.flush())
+                self._committed(store, store.flush())
             except sqlite3.Error as exc:
                 self._flush_failed(store, exc)
                 ok = False
         self._buffered = 0 if ok else self.buffered_rows
         return ok
 
+    def commit_all(self) -> bool:
+        """Flush: True once everything buffered is committed."""
+        return self.flush() and self.buffered_rows == 0
+
+    def checkpoint_next(self) -> None:
+        """Checkpoint the least recently checkpointed open store: one at a time, so that the
+        loop never stalls on all of them at once (SQLite also checkpoints on commit once a
+        WAL passes 1,000 pages)."""
+        if not self._stores:
+            return
+        self._checkpoint_turn = (self._checkpoint_turn + 1) % len(self._stores)
+        store = list(self._stores.values())[self._checkpoint_turn]
+        store.checkpoint()
+
     def _flush_failed(self, store: RunStore, exc: sqlite3.Error) -> None:
         self.stats.flush_errors += 1
         self.reject("flush_failed", f"{store.path}: {exc}; rows kept for the next try", False)
-        excess = store.pending - MAX_UNWRITTEN_ROWS
+        excess = len(store._steps) - MAX_UNWRITTEN_ROWS
         if excess > 0:
             del store._steps[:excess]
             self.stats.rows_dropped += excess

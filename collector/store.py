@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 # journal size limit: a passive checkpoint alone can be starved by readers that never pause.
 TRUNCATE_BUSY_MS = 200
 _COUNTERS = ("messages", "rejected")
+# Layer cells per INSERT: 256 x 11 parameters stays far below SQLite's 32,766 variables.
+CELLS_PER_STATEMENT = 256
+MAX_VARIABLES = 16_000  # per multi-row dynamics upsert (SQLite allows 32,766)
 _KEEP_IF_NULL = frozenset(("loss", "val_loss", "lr"))
 
 
@@ -53,6 +56,15 @@ class StepRow:
     def n_experts(self) -> int:
         """Every metric of a row has the same number of experts (wire.validate_metrics)."""
         return len(next(iter(self.layer_mean.values()), ()))
+
+
+@dataclass
+class Batch:
+    """What one flush of a store writes, in one transaction."""
+
+    steps: list[StepRow]
+    updates: dict[str, Any]
+    counts: dict[str, int]
 
 
 class RunStore:
@@ -82,6 +94,7 @@ class RunStore:
         self.last_write = time.monotonic()
         self.rows_written = 0
         self.unwritable_rows = 0  # rows dropped because SQLite could not hold them
+        self.in_flight = 0  # taken for writing and not yet done
         self._plans: dict[tuple, tuple[tuple[str, ...], list[tuple[str, int]]]] = {}
 
     # --- buffering -----------------------------------------------------------------------------
@@ -103,7 +116,8 @@ class RunStore:
 
     @property
     def pending(self) -> int:
-        return len(self._steps) + bool(self._run_updates or self._run_counts)
+        """Rows and run updates not yet committed: buffered, or taken and being written."""
+        return len(self._steps) + bool(self._run_updates or self._run_counts) + self.in_flight
 
     def read_run(self) -> dict[str, Any] | None:
         """The run table's row as committed (what a restarted collector continues from)."""
@@ -116,24 +130,46 @@ class RunStore:
 
         On a database error nothing is lost: the buffers are restored and the error raised.
         """
-        if not self.pending:
+        batch = self.take()
+        if batch is None:
             return []
-        steps, self._steps = self._steps, []
-        updates, self._run_updates = self._run_updates, {}
-        counts, self._run_counts = self._run_counts, {}
         try:
-            written = self._write(steps, updates, counts)
+            return self.write(batch)
         except sqlite3.Error:
-            self._steps = steps + self._steps
-            self._run_updates = {**updates, **self._run_updates}
-            for key, n in counts.items():
-                self._run_counts[key] = self._run_counts.get(key, 0) + n
+            self.restore(batch)
             raise
+        finally:
+            self.in_flight = 0
+
+    def take(self) -> Batch | None:
+        """Hand the buffered work over for `write`; it counts as pending until `done()`, or
+        `restore()` if the write failed."""
+        if not (self._steps or self._run_updates or self._run_counts):
+            return None
+        batch = Batch(self._steps, self._run_updates, self._run_counts)
+        self._steps, self._run_updates, self._run_counts = [], {}, {}
+        self.in_flight = len(batch.steps) + 1
+        return batch
+
+    def write(self, batch: Batch) -> list[StepRow]:
+        """Commit one batch in one transaction; raises sqlite3.Error if the database refused."""
+        try:
+            written = self._write(batch.steps, batch.updates, batch.counts)
         except (OverflowError, ValueError, TypeError) as exc:
-            written = self._salvage(steps, updates, counts, exc)
+            written = self._salvage(batch.steps, batch.updates, batch.counts, exc)
         self.rows_written += len(written)
         self.last_write = time.monotonic()
         return written
+
+    def restore(self, batch: Batch) -> None:
+        """Put a batch whose write failed back in front of what was buffered since."""
+        self._steps = batch.steps + self._steps
+        self._run_updates = {**batch.updates, **self._run_updates}
+        for key, n in batch.counts.items():
+            self._run_counts[key] = self._run_counts.get(key, 0) + n
+
+    def done(self) -> None:
+        self.in_flight = 0
 
     def _write(
         self, steps: list[StepRow], updates: dict[str, Any], counts: dict[str, int]
@@ -201,14 +237,25 @@ class RunStore:
         return [r for r in rows if (stored.get(r.step) or 0) <= r.ranks_reported]
 
     def _write_steps(self, rows: list[StepRow]) -> None:
-        """One executemany per column set (rows of a run almost always share one)."""
+        """Rows of one column set (a run's rows almost always share one) go several to a
+        statement, as a multi-row VALUES, below SQLite's limit on variables."""
         now = time.time()
         groups: dict[tuple[str, ...], list[list[Any]]] = {}
         for row in rows:
             names, values = self._step_values(row, now)
             groups.setdefault(names, []).append(values)
         for names, records in groups.items():
-            self.conn.executemany(_upsert_sql(names), records)
+            per_statement = max(1, MAX_VARIABLES // len(names))
+            full, rest = divmod(len(records), per_statement)
+            if full:
+                sql = _upsert_sql(names, per_statement)
+                batches = (
+                    records[i * per_statement : (i + 1) * per_statement] for i in range(full)
+                )
+                self.conn.executemany(sql, (list(chain.from_iterable(b)) for b in batches))
+            if rest:
+                tail = records[full * per_statement :]
+                self.conn.execute(_upsert_sql(names, rest), list(chain.from_iterable(tail)))
 
     def _step_values(self, row: StepRow, now: float) -> tuple[tuple[str, ...], list[Any]]:
         layer_mean = row.layer_mean
@@ -246,7 +293,10 @@ class RunStore:
         return plan
 
     def _write_layers(self, rows: list[StepRow]) -> None:
-        groups: dict[tuple[str, ...], list[tuple]] = {}
+        """Every (layer, expert) of every row; a statement per step (or per CELLS_PER_STATEMENT
+        cells) with its cells as rows of one multi-row VALUES, a fifth faster in SQLite than
+        one statement per cell (measured with bench/collector.py's message shape)."""
+        groups: dict[tuple[tuple[str, ...], int], list[list]] = {}
         for row in rows:
             metrics = tuple(m for m in EXPERT_METRICS if m in row.per_layer)
             if not metrics:
@@ -255,15 +305,13 @@ class RunStore:
             layers, experts = _cell_index(len(tables[0]), len(tables[0][0]))
             # One record per (layer, expert): zip the flattened tables, all in C.
             columns = [chain.from_iterable(t) for t in tables]
-            records = groups.setdefault(metrics, [])
-            records += zip(repeat(row.step), layers, experts, *columns)
-        for metrics, records in groups.items():
-            cols = ", ".join(db.quote(c) for c in ("step", "layer", "expert", *metrics))
-            self.conn.executemany(
-                f"INSERT OR REPLACE INTO layer_dynamics ({cols}) "
-                f"VALUES ({', '.join('?' * (3 + len(metrics)))})",
-                records,
-            )
+            cells = list(zip(repeat(row.step), layers, experts, *columns))
+            for start in range(0, len(cells), CELLS_PER_STATEMENT):
+                chunk = cells[start : start + CELLS_PER_STATEMENT]
+                params = list(chain.from_iterable(chunk))
+                groups.setdefault((metrics, len(chunk)), []).append(params)
+        for (metrics, n_cells), params_list in groups.items():
+            self.conn.executemany(_layer_sql(metrics, n_cells), params_list)
 
     def _write_run(self, updates: dict[str, Any], counts: dict[str, int]) -> None:
         run_hash = self.run_hash
@@ -341,24 +389,26 @@ def _cell_index(n_layers: int, n_experts: int) -> tuple[tuple[int, ...], tuple[i
     return layers, tuple(range(n_experts)) * n_layers
 
 
-_UPSERT_SQL: dict[tuple[str, ...], str] = {}
+@functools.cache
+def _layer_sql(metrics: tuple[str, ...], n_cells: int) -> str:
+    cols = ", ".join(db.quote(c) for c in ("step", "layer", "expert", *metrics))
+    one = f"({', '.join('?' * (3 + len(metrics)))})"
+    return f"INSERT OR REPLACE INTO layer_dynamics ({cols}) VALUES {', '.join([one] * n_cells)}"
 
 
-def _upsert_sql(names: tuple[str, ...]) -> str:
-    """The dynamics upsert for one column set; a step reported again without val_loss (or
-    loss, lr) keeps the value it had."""
-    sql = _UPSERT_SQL.get(names)
-    if sql is None:
-        assignments = ", ".join(
-            f"{db.quote(n)}=coalesce(excluded.{db.quote(n)}, {db.quote(n)})"
-            if n in _KEEP_IF_NULL
-            else f"{db.quote(n)}=excluded.{db.quote(n)}"
-            for n in names
-            if n != "step"
-        )
-        sql = _UPSERT_SQL[names] = (
-            f"INSERT INTO dynamics ({', '.join(map(db.quote, names))}) "
-            f"VALUES ({', '.join('?' * len(names))}) "
-            f"ON CONFLICT(step) DO UPDATE SET {assignments}"
-        )
-    return sql
+@functools.cache
+def _upsert_sql(names: tuple[str, ...], n_rows: int = 1) -> str:
+    """The dynamics upsert of `n_rows` rows of one column set; a step reported again without
+    val_loss (or loss, lr) keeps the value it had."""
+    assignments = ", ".join(
+        f"{db.quote(n)}=coalesce(excluded.{db.quote(n)}, {db.quote(n)})"
+        if n in _KEEP_IF_NULL
+        else f"{db.quote(n)}=excluded.{db.quote(n)}"
+        for n in names
+        if n != "step"
+    )
+    one = f"({', '.join('?' * len(names))})"
+    return (
+        f"INSERT INTO dynamics ({', '.join(map(db.quote, names))}) "
+        f"VALUES {', '.join([one] * n_rows)} ON CONFLICT(step) DO UPDATE SET {assignments}"
+    )

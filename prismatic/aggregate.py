@@ -27,31 +27,36 @@ def mean_over_layers(metrics: dict[str, Table]) -> dict[str, list[float | None]]
         except ValueError:  # layers of different widths (only from combined, ragged ranks)
             out[name] = _mean_with_gaps(name, table)
             continue
-        if name in COUNT_METRICS:
-            out[name] = [float(sum(v for v in col if v is not None)) for col in columns]
-            continue
-        n_layers = len(table)
-        try:  # fast path: nothing missing (sum raises TypeError on None)
-            out[name] = [sum(col) / n_layers for col in columns]  # type: ignore[arg-type]
+        try:
+            sums = list(map(sum, columns))  # in C; TypeError if a value is missing (None)
         except TypeError:
-            out[name] = [_column_mean(col, n_layers) for col in columns]
+            out[name] = _column_means(name, columns, len(table))
+            continue
+        if name in COUNT_METRICS:
+            out[name] = list(map(float, sums))
+        else:
+            n_layers = len(table)
+            out[name] = [total / n_layers for total in sums]
     return out
 
 
-def _column_mean(column: Sequence[float | None], n_layers: int) -> float | None:
-    try:
-        return sum(column) / n_layers  # type: ignore[arg-type]  # fast path: nothing missing
-    except TypeError:
-        return _mean(column)
+def _column_means(name: str, columns: list[tuple], n_layers: int) -> list[float | None]:
+    """Column by column, for a table with missing values (expert 0's divergence, say)."""
+    if name in COUNT_METRICS:
+        return [float(sum(v for v in col if v is not None)) for col in columns]
+    out: list[float | None] = []
+    for column in columns:
+        try:
+            out.append(sum(column) / n_layers)
+        except TypeError:
+            out.append(_mean(column))
+    return out
 
 
 def _mean_with_gaps(name: str, table: Table) -> list[float | None]:
     width = max(len(row) for row in table)
     padded = [row + [None] * (width - len(row)) for row in table]
-    columns = zip(*padded, strict=True)
-    if name in COUNT_METRICS:
-        return [float(sum(v for v in col if v is not None)) for col in columns]
-    return [_mean(col) for col in columns]
+    return _column_means(name, list(zip(*padded, strict=True)), len(table))
 
 
 def combine_ranks(

@@ -320,3 +320,21 @@ def test_new_rows_and_a_new_expert_column_appear_without_a_restart(tmp_path, mon
     assert "expert 2 (perturbed) bottom 5%" in names
     assert {m.label: m.value for m in at.metric}["last step"] == "140"
     store.close()
+
+
+def test_a_live_run_refreshes_in_place_until_it_ends(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    store = RunStore(runs / RUN_A)
+    store.update_run(name="running", status="live", last_seen=time.time(), model={"layers": 2})
+    add = [step_row(s, synthetic_metrics(s)) for s in range(0, 100, 10)]
+    for row in add:
+        store.add_step(row)
+    store.flush()
+    at = open_page(runs, monkeypatch)
+    assert "Live: refreshes in place every 3 s" in texts(at.caption)
+    store.update_run(status="completed", last_seen=time.time())
+    store.flush()
+    at.run()
+    assert "Live:" not in texts(at.caption)
+    assert "completed" in texts(at.subheader)
+    store.close()

@@ -179,6 +179,30 @@ def test_a_row_sqlite_cannot_hold_is_dropped_and_the_others_written(tmp_path: Pa
     assert _select(path, "SELECT status FROM run") == [("live",)]
 
 
+def test_batches_larger_than_one_statement_are_written_whole(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / RUN_A)
+    template = _row(0)
+    for step in range(1234):  # several multi-row statements and a remainder
+        store.add_step(replace(template, step=step, loss=float(step)))
+    big = decode(encode(dynamics(RUN_A, 5000)))
+    big["metrics"] = {
+        "norm": [[1.0 + layer + expert / 100 for expert in range(20)] for layer in range(40)],
+        "top_norm": [[0.5] * 20 for _ in range(40)],
+    }
+    store.add_step(build_single(big))  # 800 cells: several layer statements
+    store.close()
+    path = tmp_path / RUN_A / db.DB_NAME
+    assert _select(path, "SELECT count(*), sum(loss) FROM dynamics WHERE step < 5000") == [
+        (1234, float(sum(range(1234))))
+    ]
+    assert _select(path, "SELECT count(*) FROM layer_dynamics WHERE step < 5000") == [(1234 * 12,)]
+    cells = _select(path, "SELECT layer, expert, norm FROM layer_dynamics WHERE step = 5000")
+    assert len(cells) == 800
+    assert all(norm == pytest.approx(1.0 + layer + expert / 100) for layer, expert, norm in cells)
+    mean = _select(path, "SELECT expert_19_perturbed_norm FROM dynamics WHERE step = 5000")
+    assert mean == [(pytest.approx(1.0 + 19.5 + 0.19),)]
+
+
 def test_new_experts_add_columns(tmp_path: Path) -> None:
     store = RunStore(tmp_path / RUN_A)
     wide = decode(encode(dynamics(RUN_A, 1)))

@@ -42,6 +42,9 @@ class Prismatic(nn.Module):
     `.train()`); its parameters are cloned into `experts`.
     """
 
+    routing_sum: torch.Tensor
+    routing_tokens: torch.Tensor
+
     def __init__(
         self,
         base_expert: nn.Module,

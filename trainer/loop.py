@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from prismatic import db
 from prismatic.config import ExperimentConfig, dump_yaml, run_hash, to_dict
@@ -174,9 +175,7 @@ class Trainer:
         if self.dist.world_size > 1:
             # No buffer broadcast before each forward: the tiers are equal by construction and
             # the routing sums are each rank's own (the probe averages them over ranks).
-            self.wrapped = nn.parallel.DistributedDataParallel(
-                self.model, forward_sync_buffers=False
-            )
+            self.wrapped = DDP(self.model, forward_sync_buffers=False)
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -332,10 +331,10 @@ class Trainer:
                 self.corpus.train, cfg.train.batch_size, cfg.model.seq_len, self.generator
             )
             # DDP: synchronise gradients only on the last micro-batch of the step.
-            sync = i == micro - 1 or not isinstance(
-                self.wrapped, nn.parallel.DistributedDataParallel
+            ddp = self.wrapped if isinstance(self.wrapped, DDP) else None
+            context = (
+                ddp.no_sync() if ddp is not None and i < micro - 1 else contextlib.nullcontext()
             )
-            context = contextlib.nullcontext() if sync else self.wrapped.no_sync()
             with context, _autocast(self.cfg, self.device):
                 _, loss = self.wrapped(x.to(self.device), y.to(self.device))
                 loss = loss / micro

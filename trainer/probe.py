@@ -101,6 +101,11 @@ class GradientProbe:
             )
         self.n_experts = max(layer.num_experts for layer in self.layers)
         self.average_routing_over_ranks = average_routing_over_ranks
+        self._warned_missing = False
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Tier indices and scratch space on the model's device (again if the model moved)."""
         self.device = self.layers[0].routing_sum.device
         self._slots = [
             self._slot(li, layer, name, param)
@@ -113,7 +118,6 @@ class GradientProbe:
         topk = [layer.mixing == "topk" and layer.num_experts > 1 for layer in self.layers]
         self._topk = torch.tensor(topk, device=self.device)
         self._any_topk = any(topk)
-        self._warned_missing = False
 
     @staticmethod
     def _slot(li: int, layer: Prismatic, name: str, param: nn.Parameter) -> _Slot:
@@ -134,6 +138,8 @@ class GradientProbe:
         if any(slot.param.grad is None for slot in self._slots if slot.param.requires_grad):
             self._warn_missing(step)
             return None
+        if self._slots[0].param.device != self.device:  # e.g. probe made before model.cuda()
+            self._prepare()
         for row, slot in enumerate(self._slots):
             self._measure_param(row, slot)
         table = self._finish(loss_scale)  # (L, E, M)

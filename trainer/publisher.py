@@ -26,6 +26,9 @@ class Spool:
 
     Unbuffered: each message is one write() straight to the OS, so a crash of this process
     (even SIGKILL) never leaves half a message for the next session to append after.
+
+    TODO: rotation or compaction; matters for runs that log more than about a million steps
+    (roughly 1 KB a message for the default model).
     """
 
     def __init__(self, path: Path) -> None:
