@@ -94,7 +94,6 @@ class RunStore:
         self.last_write = time.monotonic()
         self.rows_written = 0
         self.unwritable_rows = 0  # rows dropped because SQLite could not hold them
-        self.in_flight = 0  # taken for writing and not yet done
         self._plans: dict[tuple, tuple[tuple[str, ...], list[tuple[str, int]]]] = {}
 
     # --- buffering -----------------------------------------------------------------------------
@@ -116,8 +115,8 @@ class RunStore:
 
     @property
     def pending(self) -> int:
-        """Rows and run updates not yet committed: buffered, or taken and being written."""
-        return len(self._steps) + bool(self._run_updates or self._run_counts) + self.in_flight
+        """Rows (and run updates) buffered and not yet committed."""
+        return len(self._steps) + bool(self._run_updates or self._run_counts)
 
     def read_run(self) -> dict[str, Any] | None:
         """The run table's row as committed (what a restarted collector continues from)."""
@@ -138,17 +137,13 @@ class RunStore:
         except sqlite3.Error:
             self.restore(batch)
             raise
-        finally:
-            self.in_flight = 0
 
     def take(self) -> Batch | None:
-        """Hand the buffered work over for `write`; it counts as pending until `done()`, or
-        `restore()` if the write failed."""
+        """Hand the buffered work over for `write` (`restore()` puts it back if that failed)."""
         if not (self._steps or self._run_updates or self._run_counts):
             return None
         batch = Batch(self._steps, self._run_updates, self._run_counts)
         self._steps, self._run_updates, self._run_counts = [], {}, {}
-        self.in_flight = len(batch.steps) + 1
         return batch
 
     def write(self, batch: Batch) -> list[StepRow]:
@@ -167,9 +162,6 @@ class RunStore:
         self._run_updates = {**batch.updates, **self._run_updates}
         for key, n in batch.counts.items():
             self._run_counts[key] = self._run_counts.get(key, 0) + n
-
-    def done(self) -> None:
-        self.in_flight = 0
 
     def _write(
         self, steps: list[StepRow], updates: dict[str, Any], counts: dict[str, int]

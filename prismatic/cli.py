@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from prismatic.config import DEFAULT_COLLECTOR, DEFAULT_RUNS_DIR
 from prismatic.errors import PrismaticError
@@ -20,7 +21,7 @@ EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage too)
         sys.stderr.write(f"prismatic: error: {message}\n")
         raise SystemExit(EXIT_USAGE)
 

@@ -173,7 +173,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     values = {}
     for name, value in data.items():
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             values[name] = _build(tp, value, f"{prefix}{name}.")
         else:
             values[name] = _check_scalar(f"{prefix}{name}", value, tp, dict(known[name].metadata))
