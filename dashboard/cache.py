@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dashboard.data import frame, reader
+from dashboard.data import frame_of, reader
 from prismatic import db
 
 MAX_ENTRIES = 64
@@ -76,12 +76,12 @@ class RunCache:
     def _refresh_rows(self, db_path: Path, marker: tuple, held: Held | None) -> Held:
         with reader(db_path) as conn:
             if held is None or held.rows.empty:
-                columns, raw = db.read_dynamics(conn)
+                new, n_read = frame_of(db.query_dynamics(conn))
             else:
-                columns, raw = db.read_dynamics_changed(conn, held.last_step, held.last_updated)
-        new = frame(columns, raw)
+                cursor = db.query_dynamics_changed(conn, held.last_step, held.last_updated)
+                new, n_read = frame_of(cursor)
         if held is None or held.rows.empty:
-            return _held_rows(marker, new, 0, len(raw))
+            return _held_rows(marker, new, 0, n_read)
         if new.empty:
             return Held(marker, held.rows, held.last_step, held.last_updated, held.generation, 0)
         rewrites_old = int(new["step"].min()) <= held.last_step
@@ -91,18 +91,17 @@ class RunCache:
             merged = merged.reset_index(drop=True)
         else:
             merged = pd.concat([held.rows, new], ignore_index=True)
-        return _held_rows(marker, merged, held.generation + rewrites_old, len(raw))
+        return _held_rows(marker, merged, held.generation + rewrites_old, n_read)
 
     def _refresh_layers(
         self, db_path: Path, marker: tuple, held: Held | None, generation: int
     ) -> Held:
         first = None if held is None else held.last_step + 1
         with reader(db_path) as conn:
-            columns, raw = db.read_layer_dynamics(conn, first)
-        new = frame(columns, raw)
+            new, n_read = frame_of(db.query_layer_dynamics(conn, first))
         rows = new if held is None else pd.concat([held.rows, new], ignore_index=True)
         last = int(rows["step"].max()) if len(rows) else -1
-        return Held(marker, rows, last, 0.0, generation, len(raw))
+        return Held(marker, rows, last, 0.0, generation, n_read)
 
     def _keep(self, key: tuple[str, str], held: Held) -> None:
         self._held[key] = held

@@ -187,33 +187,54 @@ def read_run(conn: sqlite3.Connection) -> dict[str, Any] | None:
     return run
 
 
-def read_dynamics(conn: sqlite3.Connection, after_step: int = -1) -> tuple[list[str], list[tuple]]:
-    cur = conn.execute("SELECT * FROM dynamics WHERE step > ? ORDER BY step", (after_step,))
+def _all(cur: sqlite3.Cursor) -> tuple[list[str], list[tuple]]:
     return [d[0] for d in cur.description], cur.fetchall()
+
+
+# Each query_* returns an open cursor (a reader can fetch it in chunks: dashboard.data.frame_of),
+# each read_* the same query's (column names, rows).
+
+
+def query_dynamics(conn: sqlite3.Connection, after_step: int = -1) -> sqlite3.Cursor:
+    return conn.execute("SELECT * FROM dynamics WHERE step > ? ORDER BY step", (after_step,))
+
+
+def query_dynamics_changed(
+    conn: sqlite3.Connection, after_step: int, updated_after: float
+) -> sqlite3.Cursor:
+    """Rows a reader holding steps <= after_step, written up to `updated_after`, lacks: newer
+    steps, plus older steps written again since (a late rank, a replay)."""
+    return conn.execute(
+        "SELECT * FROM dynamics WHERE step > ? OR updated > ? ORDER BY step",
+        (after_step, updated_after),
+    )
+
+
+def query_layer_dynamics(
+    conn: sqlite3.Connection, first_step: int | None = None, last_step: int | None = None
+) -> sqlite3.Cursor:
+    low = -1 if first_step is None else first_step
+    high = 2**62 if last_step is None else last_step
+    return conn.execute(
+        "SELECT * FROM layer_dynamics WHERE step BETWEEN ? AND ? ORDER BY step, layer, expert",
+        (low, high),
+    )
+
+
+def read_dynamics(conn: sqlite3.Connection, after_step: int = -1) -> tuple[list[str], list[tuple]]:
+    return _all(query_dynamics(conn, after_step))
 
 
 def read_dynamics_changed(
     conn: sqlite3.Connection, after_step: int, updated_after: float
 ) -> tuple[list[str], list[tuple]]:
-    """Rows a reader holding steps <= after_step, written up to `updated_after`, lacks: newer
-    steps, plus older steps written again since (a late rank, a replay)."""
-    cur = conn.execute(
-        "SELECT * FROM dynamics WHERE step > ? OR updated > ? ORDER BY step",
-        (after_step, updated_after),
-    )
-    return [d[0] for d in cur.description], cur.fetchall()
+    return _all(query_dynamics_changed(conn, after_step, updated_after))
 
 
 def read_layer_dynamics(
     conn: sqlite3.Connection, first_step: int | None = None, last_step: int | None = None
 ) -> tuple[list[str], list[tuple]]:
-    low = -1 if first_step is None else first_step
-    high = 2**62 if last_step is None else last_step
-    cur = conn.execute(
-        "SELECT * FROM layer_dynamics WHERE step BETWEEN ? AND ? ORDER BY step, layer, expert",
-        (low, high),
-    )
-    return [d[0] for d in cur.description], cur.fetchall()
+    return _all(query_layer_dynamics(conn, first_step, last_step))
 
 
 def count_steps(conn: sqlite3.Connection) -> int:

@@ -173,3 +173,27 @@ def test_layer_chart_csv_names_each_layer(tmp_path):
     csv = pd.read_csv(io.StringIO(charts.figure_csv(fig)))
     assert "layer 1 expert 2 (perturbed) bottom 5%" in set(csv["series"])
     assert len(set(csv["series"])) == 6  # 2 layers x 3 experts
+
+
+@pytest.mark.parametrize("n_rows", [0, 1, 7, 8, 9, 25])
+def test_a_chunked_read_equals_a_whole_read(n_rows):
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (step INTEGER, a REAL, b REAL)")
+    rows = [(s, s / 3, None if s % 4 == 0 else -s) for s in range(n_rows)]
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
+    chunked, n_read = data.frame_of(conn.execute("SELECT * FROM t ORDER BY step"), chunk_rows=8)
+    whole = data.frame(["step", "a", "b"], rows)
+    assert n_read == n_rows
+    assert chunked["step"].dtype == np.int64
+    pd.testing.assert_frame_equal(chunked, whole, check_dtype=False)
+    assert int(chunked["b"].isna().sum()) == (n_rows + 3) // 4  # NULL -> NaN
+
+
+def test_a_text_value_in_a_later_chunk_reads_every_row_the_general_way():
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (step INTEGER, a)")
+    conn.executemany("INSERT INTO t VALUES (?, ?)", [(s, float(s)) for s in range(20)])
+    conn.execute("INSERT INTO t VALUES (20, 'oops')")
+    out, n_read = data.frame_of(conn.execute("SELECT * FROM t ORDER BY step"), chunk_rows=8)
+    assert n_read == 21 and list(out["step"]) == list(range(21))
+    assert out["a"].iloc[20] == "oops" and float(out["a"].iloc[3]) == 3.0
