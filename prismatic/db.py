@@ -22,6 +22,10 @@ DB_NAME = "dynamics.db"
 CONFIG_NAME = "config.yaml"
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 8 * 1024 * 1024
+# The collector's page cache per open run. SQLite's default (2 MB) fills as a run's database
+# grows, so a collector holding 32 runs grew ~2.6 MB a minute for the 10 minutes of bench/soak.py;
+# a writer that appends needs only the few pages it is writing.
+WRITER_CACHE_KIB = 256
 
 # Columns of the wide `dynamics` table for one expert, in order (design note names first).
 WIDE_METRICS = (
@@ -130,6 +134,7 @@ def connect_writer(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+    conn.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")  # negative: KiB, not pages
     # Manual checkpoints from the collector keep the WAL bounded while readers stay connected.
     conn.execute("PRAGMA wal_autocheckpoint=1000")
     return conn

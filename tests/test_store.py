@@ -67,6 +67,8 @@ def test_writer_settings_wal_busy_timeout_and_journal_limit(tmp_path: Path) -> N
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == db.BUSY_TIMEOUT_MS
     assert conn.execute("PRAGMA journal_size_limit").fetchone()[0] == db.JOURNAL_SIZE_LIMIT
+    # A bounded page cache per open run: the collector's memory stays flat as databases grow.
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] == -db.WRITER_CACHE_KIB
     store.close()
 
 
