@@ -38,6 +38,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not accepted; expected a number of seconds above 0"
+        ) from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not accepted; expected a number of seconds above 0"
+        )
+    return value
+
+
 def _port(text: str) -> int:
     value = _positive_int(text)
     if value > 65535:
@@ -72,8 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     collect = sub.add_parser("collect", help="receive dynamics and write dynamics.db per run")
     collect.add_argument("--bind", default=DEFAULT_COLLECTOR)
     collect.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
-    collect.add_argument("--stale-after", type=float, default=120.0, metavar="SECONDS")
-    collect.add_argument("--rank-timeout", type=float, default=30.0, metavar="SECONDS")
+    collect.add_argument(
+        "--stale-after",
+        type=_positive_seconds,
+        default=120.0,
+        metavar="SECONDS",
+        help="mark a run stale after this long without a message (default: 120)",
+    )
+    collect.add_argument(
+        "--rank-timeout",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="write a step without its missing ranks after this long (default: 30)",
+    )
     collect.add_argument(
         "--allow-remote", action="store_true", help="allow binding to a non-loopback address"
     )
@@ -133,24 +159,44 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
+def _usable_dir(flag: str, path: str) -> Path:
+    """The folder, created if missing; ConfigError (one line, exit 2) if it cannot be."""
+    from prismatic.errors import ConfigError
+
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{flag}: {path!r} is not accepted; cannot create that folder ({exc.strerror})"
+        ) from None
+    return folder
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from prismatic.config import load_config
+    from prismatic.config import check_address, load_config
     from trainer.loop import train
 
     cfg = load_config(args.config, args.set)
-    status = train(cfg, Path(args.runs_dir), args.collector, resume=args.resume)
+    if args.collector is not None:
+        check_address("--collector", args.collector)
+    runs_dir = _usable_dir("--runs-dir", args.runs_dir)
+    status = train(cfg, runs_dir, args.collector, resume=args.resume)
     return 0 if status == "completed" else 1
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
     from collector.service import Collector, serve
+    from prismatic.config import check_address
     from prismatic.errors import ConfigError
 
+    runs_dir = _usable_dir("--runs-dir", args.runs_dir)
     if args.replay:
         from collector.replay import replay_dirs
 
-        replay_dirs([Path(p) for p in args.replay], Path(args.runs_dir))
+        replay_dirs([Path(p) for p in args.replay], runs_dir)
         return 0
+    check_address("--bind", args.bind, bind=True)
     if args.bind.startswith("tcp://") and not _is_loopback(args.bind) and not args.allow_remote:
         raise ConfigError(
             f"--bind: {args.bind!r} is not loopback; add --allow-remote to expose "
@@ -163,7 +209,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         curve = ServerCurve.from_dir(Path(args.curve_dir))
     collector = Collector(
         args.bind,
-        Path(args.runs_dir),
+        runs_dir,
         rank_timeout_s=args.rank_timeout,
         stale_after_s=args.stale_after,
         curve=curve,
@@ -178,7 +224,24 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     if not _is_loopback(args.address) and not args.allow_remote:
         raise ConfigError(f"--address: {args.address!r} is not loopback; add --allow-remote")
+    _check_host("--address", args.address, args.port)
     return serve(Path(args.runs_dir), args.port, args.address)
+
+
+def _check_host(flag: str, host: str, port: int) -> None:
+    """A host name or address this machine can serve on (Streamlit would fail with a
+    traceback after printing the URL)."""
+    import socket
+
+    from prismatic.errors import ConfigError
+
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise ConfigError(
+            f"{flag}: {host!r} is not accepted; expected an IP address or a host name that "
+            "resolves, e.g. 127.0.0.1"
+        ) from None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -188,9 +251,17 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    from prismatic.errors import ConfigError
     from prismatic.keys import generate
 
-    for path in generate(Path(args.directory), args.clients):
+    try:
+        written = generate(Path(args.directory), args.clients)
+    except OSError as exc:
+        raise ConfigError(
+            f"keys: {args.directory!r} is not accepted; cannot write key files there "
+            f"({exc.strerror})"
+        ) from None
+    for path in written:
         print(path)
     return 0
 

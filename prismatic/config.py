@@ -192,11 +192,33 @@ def _cross_check(cfg: ExperimentConfig) -> None:
             f"model.top_k: {m.top_k} is not accepted; "
             f"expected 1..model.num_experts ({m.num_experts})"
         )
-    if not (cfg.dynamics.collector.startswith(("tcp://", "ipc://", "inproc://"))):
-        raise ConfigError(
-            f"dynamics.collector: {cfg.dynamics.collector!r} is not accepted; "
-            "expected a ZeroMQ address such as tcp://127.0.0.1:5557"
-        )
+    check_address("dynamics.collector", cfg.dynamics.collector)
+
+
+_ADDRESS_FORMS = "tcp://HOST:PORT (port 1..65535), ipc://PATH or inproc://NAME"
+
+
+def check_address(key: str, address: str, bind: bool = False) -> str:
+    """A ZeroMQ address a socket can use; raises ConfigError naming `key` otherwise.
+
+    libzmq itself fails late and unhelpfully: a connect to `garbage` raises only when the
+    publisher starts (after the corpus loaded), and a bind to port 99999 silently takes some
+    other port. `bind`: also accept `*` (or 0) as the port, meaning any free one."""
+    scheme, sep, rest = address.partition("://")
+    forms = _ADDRESS_FORMS + (", with * for any free port" if bind else "")
+    problem = f"{key}: {address!r} is not accepted; expected {forms}"
+    if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise ConfigError(problem)
+    if scheme != "tcp":
+        return address
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host.strip("[]"):
+        raise ConfigError(problem)
+    if bind and port in ("*", "0"):
+        return address
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(problem)
+    return address
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -155,10 +155,17 @@ class Trainer:
 
     def _prepare(self) -> None:
         cfg = self.cfg
+        # The corpus first: a bad data.path leaves no run folder behind.
+        self.corpus = Corpus.load(cfg.data, cfg.model.seq_len)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.rank == 0:
             (self.run_dir / db.CONFIG_NAME).write_text(dump_yaml(cfg), encoding="utf-8")
-        self.corpus = Corpus.load(cfg.data, cfg.model.seq_len)
+            if not self.resume and (self.run_dir / CHECKPOINT_NAME).is_file():
+                log.warning(
+                    "trainer: %s already has a checkpoint; starting again from step 0 and "
+                    "overwriting its steps (pass --resume to continue it instead)",
+                    self.run_hash,
+                )
         self.model = build_model(cfg.model, cfg.seed).to(self.device)
         # Same base weights on every rank (above); from here on each rank draws its own
         # batches and dropout masks.
