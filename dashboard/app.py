@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import streamlit as st  # noqa: E402
 
-from dashboard import charts, data, figures, problems, views  # noqa: E402
+from dashboard import charts, data, figures, problems, verdict, views  # noqa: E402
 from dashboard.cache import RunCache  # noqa: E402
 from dashboard.serve import RUNS_DIR_ENV  # noqa: E402
 from prismatic.config import DEFAULT_RUNS_DIR  # noqa: E402
@@ -117,9 +117,13 @@ def sidebar_compare() -> str:
 # --- reading the opened runs ---------------------------------------------------------------------
 
 
-def open_runs(folder: Path, hashes: list[str], with_layers: bool = False) -> list[views.Opened]:
-    """Fresh browser rows and cached rows for each opened run (re-read on every refresh)."""
+def open_runs(
+    folder: Path, hashes: list[str], with_layers: bool = False, with_controls: bool = False
+) -> list[views.Opened]:
+    """Fresh browser rows and cached rows for each opened run (re-read on every refresh);
+    `with_controls`: also each run's scale-0 control, for the verdict."""
     cache = run_cache()
+    every = data.list_runs(folder) if with_controls else []
     opened = []
     for run_hash in hashes:
         info = data.read_run_info(folder / run_hash)
@@ -127,6 +131,9 @@ def open_runs(folder: Path, hashes: list[str], with_layers: bool = False) -> lis
         run = views.open_run(info, rows)
         if with_layers and run.chartable and rows is not None:
             run.layers = cache.layers(info.db_path)
+        control = data.find_control(info, every) if with_controls else None
+        if control is not None:
+            run.control = verdict.Control(control.short, cache.rows(control.db_path))
         opened.append(run)
     return opened
 
@@ -150,7 +157,12 @@ def view_options(view: str, runs: list[views.Opened]) -> dict:
 
 
 def show_view(view: str, folder: Path, hashes: list[str], options: dict) -> None:
-    runs = open_runs(folder, hashes, with_layers=view in ("Layers", "Heatmap"))
+    runs = open_runs(
+        folder,
+        hashes,
+        with_layers=view in ("Layers", "Heatmap"),
+        with_controls=view == "Dynamics",
+    )
     if view == "Compare":
         views.compare(runs, options["metric"])
     for run in runs if view != "Compare" else []:

@@ -62,12 +62,15 @@ def expert_dash(expert: int) -> str:
     return "solid" if expert == 0 else PERTURBED_DASHES[(expert - 1) % len(PERTURBED_DASHES)]
 
 
-def series_name(expert: int, tier: str) -> str:
-    role = "clean" if expert == 0 else "perturbed"
+def series_name(expert: int, tier: str, clones: bool = False) -> str:
+    """`clones`: a scale-0 control, whose experts 1+ are unperturbed copies of expert 0."""
+    role = "clean" if expert == 0 else "clone" if clones else "perturbed"
     return f"expert {expert} ({role}) {TIER_LABELS[tier]}"
 
 
-def norm_trace(df: pd.DataFrame, expert: int, tier: str) -> tuple[dict | None, int]:
+def norm_trace(
+    df: pd.DataFrame, expert: int, tier: str, clones: bool = False
+) -> tuple[dict | None, int]:
     """One log-axis line (as a plotly dict; None when no value can be drawn) and how many
     values <= 0 it left out."""
     column = expert_column(expert, f"{tier}_norm" if tier in TIERS else "norm")
@@ -77,7 +80,7 @@ def norm_trace(df: pd.DataFrame, expert: int, tier: str) -> tuple[dict | None, i
     x, y, left_out = finite_series(df["step"].to_numpy(), values, log_axis=True)
     if not len(x):
         return None, left_out
-    name = series_name(expert, tier)
+    name = series_name(expert, tier, clones)
     trace = {
         "type": "scatter",
         "x": x,
@@ -96,7 +99,11 @@ def norm_trace(df: pd.DataFrame, expert: int, tier: str) -> tuple[dict | None, i
 
 
 def dynamics_figure(
-    df: pd.DataFrame, experts: list[int], tiers: list[str], include_whole: bool = False
+    df: pd.DataFrame,
+    experts: list[int],
+    tiers: list[str],
+    include_whole: bool = False,
+    clones: bool = False,
 ) -> tuple[go.Figure, LeftOut]:
     """Gradient norm (log y) against step, one line per expert and tier."""
     traces = []
@@ -104,9 +111,9 @@ def dynamics_figure(
     kinds = [*tiers, "norm"] if include_whole else list(tiers)
     for expert in experts:
         for tier in kinds:
-            trace, lost = norm_trace(df, expert, tier)
+            trace, lost = norm_trace(df, expert, tier, clones)
             if lost:
-                left_out.per_series[series_name(expert, tier)] = lost
+                left_out.per_series[series_name(expert, tier, clones)] = lost
             if trace is not None:
                 traces.append(trace)
     layout = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,12 @@ class RunInfo:
     last_update: float | None = None
     layers: int | None = None
     experts: int | None = None
+    config: dict = field(default_factory=dict, repr=False)  # the run's resolved config
+
+    @property
+    def is_control(self) -> bool:
+        """A scale-0 run: its experts are exact clones of expert 0."""
+        return self.scale == 0
 
     @property
     def db_path(self) -> Path:
@@ -146,12 +152,44 @@ def read_run_info(path: Path, now: float | None = None) -> RunInfo:
     info.sparsity = _first_number(shape.get("sparsity"), model.get("sparsity"))
     info.mixing = run.get("mixing") or shape.get("mixing") or model.get("mixing", "")
     info.layers, info.experts = shape.get("layers"), shape.get("experts")
+    info.config = config if isinstance(config, dict) else {}
     info.last_update = run.get("last_seen") or _mtime(info.db_path)
     info.status = problem or run.get("status") or "unknown"
     now = time.time() if now is None else now
     if info.status == "live" and (info.last_update or 0) < now - STALE_AFTER_S:
         info.status = "stale"
     return info
+
+
+# What a run and its control may differ in: the perturbation itself, the name, the length.
+_NOT_COMPARED = {"model": ("perturbation_scale", "perturbation_strategy"), "train": ("steps",)}
+
+
+def _experiment(config: dict) -> dict:
+    """The parts of a config that a control must share with the run it controls."""
+    out = {k: v for k, v in config.items() if k in ("seed", "model", "data", "train")}
+    for section, keys in _NOT_COMPARED.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return out
+
+
+def find_control(run: RunInfo, runs: list[RunInfo]) -> RunInfo | None:
+    """The scale-0 run of the same experiment (model, data, seed, training; any name or
+    length), the one with most steps logged; None if `run` is a control itself or has none."""
+    if run.is_control or not run.config:
+        return None
+    mine = _experiment(run.config)
+    controls = [
+        r
+        for r in runs
+        if r.is_control
+        and r.run_hash != run.run_hash
+        and r.config
+        and r.steps
+        and _experiment(r.config) == mine
+    ]
+    return max(controls, key=lambda r: r.steps, default=None)
 
 
 def _first_number(*values: Any) -> float | None:

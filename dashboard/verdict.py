@@ -24,11 +24,13 @@ COLLAPSED = 0.5  # recent < 0.5 x first window and falling: collapsing
 RULES = (
     f"Bottom weights wake up when a perturbed expert's recent-window bottom-tier norm is at least "
     f"{WAKE_RATIO}× expert 0's. Divergence is meaningful above {MEANINGFUL} and converging below "
-    f"{CONVERGING}. A trend is sustained when the recent window keeps ≥ {SUSTAINED}× the first "
-    f"window's divergence; collapsing when it falls below {CONVERGING}, or below {COLLAPSED}× "
-    f"the first window with a falling slope; never diverged when both windows are below "
-    f"{CONVERGING}. Windows: the first and the last quarter of the logged steps (at least 3); "
-    f"no verdict before {MIN_POINTS} logged steps."
+    f"{CONVERGING}; when a scale-0 control of the same experiment is among the runs, what is held "
+    f"against these thresholds is the excess over the control's recent divergence. A trend is "
+    f"sustained when the recent window keeps ≥ {SUSTAINED}× the first window's divergence; "
+    f"collapsing when it falls below {CONVERGING}, or below {COLLAPSED}× the first window with a "
+    f"falling slope; never diverged when both windows are below {CONVERGING}. Windows: the first "
+    f"and the last quarter of the logged steps (at least 3); no verdict before {MIN_POINTS} "
+    f"logged steps."
 )
 QUESTIONS = (
     "Are bottom weights waking up?",
@@ -109,7 +111,33 @@ def slope_per_1k(df: pd.DataFrame, expert: int, metric: str) -> float | None:
     return float(np.polyfit(steps, column.to_numpy(dtype=float)[ok], 1)[0] * 1000)
 
 
-def answer_all(df: pd.DataFrame, n_experts: int, mixing: str = "") -> list[Answer]:
+@dataclass
+class Control:
+    """The scale-0 run of the same experiment: its divergence is what routing and expert dropout
+    alone produce between exact clones, the baseline a perturbed run is judged against."""
+
+    label: str
+    rows: pd.DataFrame
+
+
+NO_CONTROL = (
+    " No scale-0 control of this experiment is among the runs: routing and expert dropout alone "
+    "make exact clones diverge, so train configs/control-scale0.yaml (the same config at "
+    "scale 0) alongside to tell that apart from the perturbation's effect."
+)
+
+
+def answer_all(
+    df: pd.DataFrame,
+    n_experts: int,
+    mixing: str = "",
+    *,
+    is_control: bool = False,
+    control: Control | None = None,
+) -> list[Answer]:
+    """The three answers. `is_control`: the run is itself a scale-0 control. `control`: the
+    control of this run, when one was found; question 2 then asks how far this run's divergence
+    exceeds the control's."""
     if n_experts < 2:
         why = "This run has no perturbed expert (a dense control): nothing to compare."
         return [Answer(q, "not enough data", why) for q in QUESTIONS]
@@ -126,7 +154,23 @@ def answer_all(df: pd.DataFrame, n_experts: int, mixing: str = "") -> list[Answe
             Answer(QUESTIONS[1], "not applicable", why),
             Answer(QUESTIONS[2], "not applicable", why),
         ]
-    return [wake(df, n_experts), divergence(df, n_experts), cascade(df, n_experts)]
+    if is_control:
+        return _as_control(df, n_experts)
+    return [wake(df, n_experts), divergence(df, n_experts, control), cascade(df, n_experts)]
+
+
+def _as_control(df: pd.DataFrame, n_experts: int) -> list[Answer]:
+    """A scale-0 run perturbs nothing: its numbers are a baseline, not an answer."""
+    answers = [wake(df, n_experts), divergence(df, n_experts), cascade(df, n_experts)]
+    level = answers[1].numbers
+    recent = [n.value for n in level if n.quantity == "recent divergence" and n.value is not None]
+    seen = f" (recent divergence {', '.join(f'{v:.4f}' for v in recent)})" if recent else ""
+    why = (
+        "This run is a scale-0 control: experts 1+ are exact clones of expert 0, so nothing "
+        f"here is the perturbation's doing. Its divergence{seen} comes from routing and expert "
+        "dropout alone: the baseline perturbed runs of this experiment are judged against."
+    )
+    return [Answer(a.question, "not applicable", why, a.numbers) for a in answers]
 
 
 def wake(df: pd.DataFrame, n_experts: int) -> Answer:
@@ -151,7 +195,9 @@ def wake(df: pd.DataFrame, n_experts: int) -> Answer:
     return Answer(QUESTIONS[0], verdict, summary, numbers)
 
 
-def divergence(df: pd.DataFrame, n_experts: int) -> Answer:
+def divergence(df: pd.DataFrame, n_experts: int, control: Control | None = None) -> Answer:
+    """Recent divergence against the thresholds; with a control, the excess over the control's
+    recent divergence (same expert) is what is held against them."""
     numbers: list[Number] = []
     levels: dict[int, tuple[float, str]] = {}
     for e in perturbed_experts(df, n_experts):
@@ -161,16 +207,29 @@ def divergence(df: pd.DataFrame, n_experts: int) -> Answer:
             Number(e, "recent divergence", recent),
             Number(e, "latest divergence", float(latest.iloc[-1]) if len(latest) else None),
         ]
-        if recent is not None:
-            levels[e] = (recent, divergence_level(recent))
+        judged = recent
+        if control is not None and recent is not None:
+            _, baseline = windows(control.rows, e, "divergence")
+            judged = recent - baseline if baseline is not None else None
+            numbers += [
+                Number(e, "control recent divergence", baseline),
+                Number(e, "divergence above control", judged),
+            ]
+        if judged is not None:
+            levels[e] = (judged, divergence_level(judged))
     if not levels:
         return Answer(QUESTIONS[1], "not enough data", "No divergence logged.", numbers)
     kinds = {level for _, level in levels.values()}
     verdict = "yes" if kinds == {"meaningful"} else "no" if kinds == {"converging"} else "mixed"
-    text = ", ".join(f"expert {e}: {v:.4f} ({level})" for e, (v, level) in levels.items())
+    sign = "" if control is None else "+"
+    text = ", ".join(f"expert {e}: {v:{sign}.4f} ({level})" for e, (v, level) in levels.items())
+    if control is None:
+        what = "Recent-window mean divergence (1 − cosine to expert 0)"
+    else:
+        what = f"Recent-window divergence above the scale-0 control's ({control.label})"
     summary = (
-        f"Recent-window mean divergence (1 − cosine to expert 0): {text}; > {MEANINGFUL} is "
-        f"meaningful, < {CONVERGING} is converging to consensus."
+        f"{what}: {text}; > {MEANINGFUL} is meaningful, < {CONVERGING} is converging to "
+        "consensus." + (NO_CONTROL if control is None else "")
     )
     return Answer(QUESTIONS[1], verdict, summary, numbers)
 

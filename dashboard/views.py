@@ -45,6 +45,7 @@ class Opened:
     rows: pd.DataFrame | None
     problem: Problem | None = None
     layers: pd.DataFrame | None = field(default=None, repr=False)
+    control: verdict.Control | None = field(default=None, repr=False)  # its scale-0 control
 
     @property
     def chartable(self) -> bool:
@@ -128,7 +129,13 @@ def _coloured(value: float | None) -> str:
 
 def verdict_panel(run: Opened) -> None:
     assert run.rows is not None
-    answers = verdict.answer_all(run.rows, len(run.experts), run.info.mixing)
+    answers = verdict.answer_all(
+        run.rows,
+        len(run.experts),
+        run.info.mixing,
+        is_control=run.info.is_control,
+        control=run.control,
+    )
     st.markdown("##### Verdict")
     for column, answer in zip(st.columns(len(answers)), answers, strict=True):
         badge = f":{VERDICT_COLOURS.get(answer.verdict, 'gray')}-badge[{answer.verdict}]"
@@ -155,7 +162,9 @@ def dynamics(run: Opened, tiers: list[str], whole: bool) -> None:
         show_problem(run.problem)
     verdict_panel(run)
     assert run.rows is not None
-    fig, left_out = charts.dynamics_figure(run.rows, run.experts, tiers, whole)
+    fig, left_out = charts.dynamics_figure(
+        run.rows, run.experts, tiers, whole, clones=run.info.is_control
+    )
     fig.update_layout(title={"text": "Gradient norm per expert and tier"})
     chart(fig, f"dynamics_{run.info.run_hash}", f"{run.info.run_hash}-dynamics.csv")
     if left_out.total:

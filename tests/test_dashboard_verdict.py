@@ -13,7 +13,16 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from dashboard_fixtures import APP, known_rows, step_row, synthetic_metrics, texts, write_run
+from dashboard_fixtures import (
+    APP,
+    known_rows,
+    plotly_figures,
+    step_row,
+    synthetic_metrics,
+    texts,
+    trace_names,
+    write_run,
+)
 from streamlit.testing.v1 import AppTest
 
 from dashboard import verdict
@@ -94,3 +103,63 @@ def test_before_enough_points_the_panel_says_so_instead_of_guessing(tmp_path, mo
     assert markdown.count(":gray-badge[not enough data]") == 3
     assert "5 logged step(s) so far; a verdict needs at least 8" in markdown
     assert not [t for t in at.table if "quantity" in t.value.columns]
+
+
+# --- against a scale-0 control ------------------------------------------------------------------
+
+CONTROL = "c0c0c0c0c"
+
+
+def verdict_of(at: AppTest, question: str) -> str:
+    [text] = [m.value for m in at.markdown if m.value.startswith(f"**{question}**")]
+    return text
+
+
+def test_a_run_no_more_divergent_than_its_control_shows_no_genuine_divergence(
+    tmp_path, monkeypatch
+):
+    runs = tmp_path / "runs"
+    # The control has the run's very divergence: what the run shows is routing and dropout.
+    write_run(runs, CONTROL, known_rows(), name="control", scale=0.0, last_seen=1_000.0)
+    write_run(runs, RUN, known_rows(), last_seen=2_000.0)  # newer: opened by default
+    at = page(runs, monkeypatch)
+    table = numbers_table(at)
+    shown = {(r.question, r.expert, r.quantity): r.value for r in table.itertuples()}
+    for e in (1, 2):
+        recent = EXPECTED[(QUESTION_2, e, "recent divergence")]
+        assert shown[(QUESTION_2, e, "control recent divergence")] == pytest.approx(recent)
+        assert shown[(QUESTION_2, e, "divergence above control")] == pytest.approx(0, abs=1e-12)
+    answer = verdict_of(at, QUESTION_2)
+    assert "[no]" in answer and "above the scale-0 control's (control" in answer
+
+
+def test_the_control_itself_is_a_baseline_not_an_answer(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    write_run(runs, RUN, known_rows(), last_seen=1_000.0)
+    write_run(runs, CONTROL, known_rows(), name="control", scale=0.0, last_seen=2_000.0)
+    at = page(runs, monkeypatch)
+    for question in verdict.QUESTIONS:
+        answer = verdict_of(at, question)
+        assert "[not applicable]" in answer and "scale-0 control" in answer
+    names = trace_names(plotly_figures(at)[0])
+    assert "expert 1 (clone) bottom 5%" in names and not any("perturbed" in n for n in names)
+
+
+def test_without_a_control_the_answer_says_one_is_missing(tmp_path, monkeypatch):
+    write_run(tmp_path / "runs", RUN, known_rows())
+    answer = verdict_of(page(tmp_path / "runs", monkeypatch), QUESTION_2)
+    assert "No scale-0 control of this experiment" in answer
+
+
+def test_a_control_must_share_the_experiment(tmp_path):
+    from dashboard import data
+
+    runs = tmp_path / "runs"
+    write_run(runs, RUN, known_rows())
+    write_run(runs, CONTROL, known_rows(), name="control", scale=0.0)
+    write_run(runs, "d0d0d0d0d", known_rows(), name="smear control", scale=0.0, mixing="smear")
+    infos = {i.run_hash: i for i in data.list_runs(runs)}
+    assert data.find_control(infos[RUN], list(infos.values())).run_hash == CONTROL
+    assert data.find_control(infos[CONTROL], list(infos.values())) is None  # a control itself
+    others = [infos[RUN], infos["d0d0d0d0d"]]  # a control with another mixing mode is no match
+    assert data.find_control(infos[RUN], others) is None
