@@ -33,6 +33,9 @@ _COUNTERS = ("messages", "rejected")
 CELLS_PER_STATEMENT = 256
 MAX_VARIABLES = 16_000  # per multi-row dynamics upsert (SQLite allows 32,766)
 _KEEP_IF_NULL = frozenset(("loss", "val_loss", "lr"))
+# A step's layer_dynamics records built ahead (collector/burst.py): the metric columns, the
+# number of cells and their parameters, flat, for one multi-row INSERT.
+LayerRows = tuple[tuple[str, ...], int, list[Any]]
 
 
 @dataclass
@@ -51,6 +54,7 @@ class StepRow:
     created: float = field(default_factory=time.time)
     world_size: int = 1  # ranks expected when the row was built
     sent_ts: float | None = None  # when its last rank published it (the sender's clock)
+    layer_rows: LayerRows | None = None  # per_layer's records, if built ahead
 
     @property
     def n_experts(self) -> int:
@@ -290,6 +294,10 @@ class RunStore:
         one statement per cell (measured with bench/collector.py's message shape)."""
         groups: dict[tuple[tuple[str, ...], int], list[list]] = {}
         for row in rows:
+            if row.layer_rows is not None:
+                metrics, n_cells, params = row.layer_rows
+                groups.setdefault((metrics, n_cells), []).append(params)
+                continue
             metrics = tuple(m for m in EXPERT_METRICS if m in row.per_layer)
             if not metrics:
                 continue

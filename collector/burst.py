@@ -1,0 +1,222 @@
+"""A burst of messages received together, checked and averaged together with numpy.
+
+The per-message work of the common case (a trainer's plainly valid tables: floats and None,
+finite, non-negative, zero counts) is done once per burst for every message of one metric set
+and shape: the check of `wire._plainly_valid`, the layer means of `aggregate.mean_over_layers`
+and the `layer_dynamics` parameters of `RunStore._write_layers`. A group that is not plainly
+valid as a whole goes message by message through `wire.validate_metrics`, exactly as before,
+so every rejection reason, cleaned value and NaN/Inf count stays the same.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import numpy as np
+
+from collector.store import CELLS_PER_STATEMENT, LayerRows
+from prismatic import wire
+from prismatic.errors import ProtocolError
+
+_FLOAT_OR_NONE = frozenset((float, type(None)))
+# Messages checked together: enough to spread numpy's per-call cost thin, few enough that
+# their decoded objects stay in the CPU's cache (measured: 256 beat 1024 and 5000 by a fifth).
+CHUNK = 256
+SMALL = 8  # a failing group this small is checked message by message
+Decoded = tuple[dict[str, Any], "Prepared | None"] | ProtocolError
+
+
+@dataclass
+class Prepared:
+    """What a plainly valid message's single-rank row needs, computed with its burst."""
+
+    layer_mean: dict[str, list[float | None]]
+    layer_rows: LayerRows | None
+
+
+class Burst:
+    """Messages received together, decoded CHUNK at a time as they are asked for."""
+
+    def __init__(self, datas: list[bytes]) -> None:
+        self._datas = datas
+        self._decoded: list[Decoded] = []
+        self._next = 0
+
+    def take(self, data: bytes) -> tuple[dict[str, Any], Prepared | None] | None:
+        """The next message's decoding (raising its ProtocolError); None if `data` is not
+        the next message of the burst (the caller decodes it alone)."""
+        i = self._next
+        if i >= len(self._datas) or self._datas[i] is not data:
+            return None
+        if i % CHUNK == 0:
+            self._decoded = decode_burst(self._datas[i : i + CHUNK])
+        self._next = i + 1
+        result = self._decoded[i % CHUNK]
+        if isinstance(result, ProtocolError):
+            raise result
+        return result
+
+
+def decode_burst(datas: list[bytes]) -> list[Decoded]:
+    """Each message as `wire.decode` makes it (or the ProtocolError it raises), with the
+    Prepared row parts of those checked in the fast path."""
+    out: list[Decoded] = []
+    groups: dict[Any, list[int]] = {}
+    for data in datas:
+        try:
+            message, deferred = wire.decode_deferred(data)
+        except ProtocolError as exc:
+            out.append(exc)
+            continue
+        if deferred:
+            groups.setdefault(_shape_key(message["metrics"]), []).append(len(out))
+        out.append((message, None))
+    for key, indices in groups.items():
+        messages = [out[i][0] for i in indices]  # type: ignore[index]
+        prepared = _prepare_all(messages, key) if key is not None else [None] * len(indices)
+        for i, message, p in zip(indices, messages, prepared, strict=True):
+            out[i] = (message, p) if p is not None else _check_one(message)
+    return out
+
+
+def _prepare_all(
+    messages: list[dict[str, Any]], key: tuple[tuple[Any, ...], int, int]
+) -> list[Prepared | None]:
+    """Prepared parts for as many messages as can have them: a group that fails is halved
+    until the failing messages are in groups of at most SMALL, left to the one-message checks
+    (None), so that one bad message costs its neighbours little."""
+    prepared = _prepare(messages, key)
+    if prepared is not None:
+        return list(prepared)
+    if len(messages) <= SMALL:
+        return [None] * len(messages)
+    half = len(messages) // 2
+    return _prepare_all(messages[:half], key) + _prepare_all(messages[half:], key)
+
+
+def _check_one(message: dict[str, Any]) -> Decoded:
+    """The deferred check of one message, as `wire.decode` does it."""
+    try:
+        metrics, nonfinite = wire.validate_metrics(message["metrics"])
+    except ProtocolError as exc:
+        return exc
+    message["metrics"] = metrics
+    message["nonfinite_values"] += nonfinite
+    return message, None
+
+
+def _shape_key(metrics: Any) -> tuple[tuple[Any, ...], int, int] | None:
+    """(names in order, layers, experts) as the first table says; None if it cannot say."""
+    if type(metrics) is not dict or not metrics:
+        return None
+    first = next(iter(metrics.values()))
+    if type(first) is not list or not first or type(first[0]) is not list:
+        return None
+    return tuple(metrics), len(first), len(first[0])
+
+
+def _prepare(
+    messages: list[dict[str, Any]], key: tuple[tuple[Any, ...], int, int]
+) -> list[Prepared] | None:
+    """The messages' Prepared parts, or None unless every one is plainly valid."""
+    names, n_layers, n_experts = key
+    values = _plain_values(messages, key)
+    if values is None:
+        return None
+    table = np.array(values, dtype=float).reshape(len(messages), len(names), n_layers, n_experts)
+    missing = np.isnan(table)  # None; no NaN was sent if there are as many as Nones
+    if int(missing.sum()) != values.count(None) or not _in_range(table, missing, names):
+        return None
+    means = _layer_means(table, missing, names)
+    rows = _layer_rows([m["step"] for m in messages], table, missing, names)
+    records = rows or [None] * len(messages)
+    return [
+        Prepared(dict(zip(names, m, strict=True)), r) for m, r in zip(means, records, strict=True)
+    ]
+
+
+def _plain_values(
+    messages: list[dict[str, Any]], key: tuple[tuple[Any, ...], int, int]
+) -> list[Any] | None:
+    """Every value of every table, flat, if all the messages have exactly this metric set and
+    shape, in known names, holding floats and None only; else None. All in C passes."""
+    names, n_layers, n_experts = key
+    if not set(names) <= wire._METRIC_SET:
+        return None
+    if not (0 < n_layers <= wire.MAX_LAYERS and 0 < n_experts <= wire.MAX_EXPERTS):
+        return None
+    metrics = [m["metrics"] for m in messages]
+    if set(map(tuple, metrics)) != {names}:
+        return None
+    tables = list(chain.from_iterable(map(dict.values, metrics)))
+    if set(map(type, tables)) != {list} or set(map(len, tables)) != {n_layers}:
+        return None
+    rows = list(chain.from_iterable(tables))
+    if set(map(type, rows)) != {list} or set(map(len, rows)) != {n_experts}:
+        return None
+    values = list(chain.from_iterable(rows))
+    return values if set(map(type, values)) <= _FLOAT_OR_NONE else None
+
+
+def _in_range(table: np.ndarray, missing: np.ndarray, names: tuple[str, ...]) -> bool:
+    """No Inf; no negative value where none can be; every count zero."""
+    if np.isinf(table).any():
+        return False
+    non_negative = [i for i, n in enumerate(names) if n in wire.NON_NEGATIVE_METRICS]
+    if non_negative and (table[:, non_negative] < 0.0).any():
+        return False
+    counts = [i for i, n in enumerate(names) if n in wire.COUNT_METRICS]
+    return not (counts and ((table[:, counts] != 0.0) & ~missing[:, counts]).any())
+
+
+def _layer_means(
+    table: np.ndarray, missing: np.ndarray, names: tuple[str, ...]
+) -> list[list[list[float | None]]]:
+    """[message][name][expert] as `aggregate.mean_over_layers`: the mean of the values present,
+    None where there are none; counts summed. Summed layer by layer, in order, so each float
+    is the one Python's sum() gives (numpy's pairwise sum could differ in the last bit)."""
+    filled = np.where(missing, 0.0, table)
+    present = table.shape[2] - missing.sum(axis=2)
+    counts = np.array([n in wire.COUNT_METRICS for n in names])[None, :, None]
+    with np.errstate(all="ignore"):  # overflow to Inf, 0/0: as in Python, then None
+        sums = filled[:, :, 0].copy()
+        for layer in range(1, table.shape[2]):
+            sums += filled[:, :, layer]
+        sums += 0.0  # Python's sum() starts at 0: a sum of -0.0s is 0.0
+        means = np.where(counts, sums, sums / present)
+    out = means.astype(object)
+    out[(present == 0) & ~counts] = None
+    return out.tolist()
+
+
+def _layer_rows(
+    steps: list[int], table: np.ndarray, missing: np.ndarray, names: tuple[str, ...]
+) -> list[LayerRows] | None:
+    """Each message's `layer_dynamics` records (step, layer, expert, metrics in EXPERT_METRICS
+    order), flat, for one multi-row INSERT; None if they need more than one statement."""
+    n, _, n_layers, n_experts = table.shape
+    n_cells = n_layers * n_experts
+    if n_cells > CELLS_PER_STATEMENT:
+        return None
+    metrics = tuple(m for m in wire.EXPERT_METRICS if m in names)
+    order = [names.index(m) for m in metrics]
+    # [message][layer][expert][metric] -> [message][cell][metric]
+    values = table[:, order].transpose(0, 2, 3, 1).reshape(n, n_cells, len(metrics))
+    cells = np.empty((n, n_cells, 3 + len(metrics)), dtype=object)
+    cells[:, :, 0] = np.array(steps, dtype=object)[:, None]
+    cells[:, :, 1:3] = _cell_index(n_layers, n_experts)
+    cells[:, :, 3:] = values.astype(object)
+    cells[:, :, 3:][missing[:, order].transpose(0, 2, 3, 1).reshape(values.shape)] = None
+    return [(metrics, n_cells, params) for params in cells.reshape(n, -1).tolist()]
+
+
+@functools.cache
+def _cell_index(n_layers: int, n_experts: int) -> np.ndarray:
+    """(layer, expert) of each cell, layer by layer, as Python ints."""
+    return np.array(
+        [(layer, expert) for layer in range(n_layers) for expert in range(n_experts)],
+        dtype=object,
+    )
