@@ -11,9 +11,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import operator
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from pathlib import Path
@@ -98,7 +100,7 @@ class RunStore:
         self.last_write = time.monotonic()
         self.rows_written = 0
         self.unwritable_rows = 0  # rows dropped because SQLite could not hold them
-        self._plans: dict[tuple, tuple[tuple[str, ...], list[tuple[str, int]]]] = {}
+        self._plans: dict[tuple, tuple[tuple[str, ...], Callable[[list], tuple]]] = {}
 
     # --- buffering -----------------------------------------------------------------------------
 
@@ -255,9 +257,7 @@ class RunStore:
 
     def _step_values(self, row: StepRow, now: float) -> tuple[tuple[str, ...], list[Any]]:
         layer_mean = row.layer_mean
-        names, cells = self._column_plan(
-            tuple((m, len(v)) for m, v in layer_mean.items() if m in db.WIDE_METRICS)
-        )
+        names, pick = self._column_plan(tuple(layer_mean), row.n_experts)
         values: list[Any] = [
             row.step,
             row.loss,
@@ -268,24 +268,49 @@ class RunStore:
             row.nonfinite,
             now,
         ]
-        values += [layer_mean[metric][expert] for metric, expert in cells]
+        if len(set(map(len, layer_mean.values()))) > 1:  # never from validated messages
+            return self._ragged_values(layer_mean, values)
+        values += pick(list(chain.from_iterable(layer_mean.values())))
         return names, values
 
+    def _ragged_values(
+        self, layer_mean: dict[str, list[float | None]], values: list[Any]
+    ) -> tuple[tuple[str, ...], list[Any]]:
+        """`_step_values` for metrics of different lengths, cell by cell."""
+        cells = [
+            (metric, expert)
+            for metric, means in layer_mean.items()
+            if metric in db.WIDE_METRICS
+            for expert in range(len(means))
+            if db.expert_column(expert, metric) in self._columns
+        ]
+        names = ("step", *db.STEP_COLUMNS, *(db.expert_column(e, m) for m, e in cells))
+        return names, values + [layer_mean[m][e] for m, e in cells]
+
     def _column_plan(
-        self, shape: tuple[tuple[str, int], ...]
-    ) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
-        """For rows of this shape (metric, experts): the column names and the (metric, expert)
-        cell behind each expert column. Cached: every row of a run has the same shape."""
+        self, metrics: tuple[str, ...], n_experts: int
+    ) -> tuple[tuple[str, ...], Callable[[list], tuple]]:
+        """For rows of this shape (metrics in order, each of n_experts values): the column
+        names and a getter of the values behind the expert columns from the row's layer means
+        flattened in that order (in C: a row's values are picked without a Python loop).
+        Cached: every row of a run has the same shape."""
+        shape = (metrics, n_experts)
         plan = self._plans.get(shape)
         if plan is None:
             cells = [
-                (metric, expert)
-                for metric, n_experts in shape
+                (i * n_experts + expert, db.expert_column(expert, metric))
+                for i, metric in enumerate(metrics)
+                if metric in db.WIDE_METRICS
                 for expert in range(n_experts)
                 if db.expert_column(expert, metric) in self._columns
             ]
-            names = ("step", *db.STEP_COLUMNS, *(db.expert_column(e, m) for m, e in cells))
-            plan = self._plans[shape] = (names, cells)
+            names = ("step", *db.STEP_COLUMNS, *(column for _, column in cells))
+            indices = [index for index, _ in cells]
+            if len(indices) == 1:  # itemgetter of one index returns the value, not a tuple
+                pick: Callable[[list], tuple] = lambda flat, i=indices[0]: (flat[i],)  # noqa: E731
+            else:
+                pick = operator.itemgetter(*indices) if indices else (lambda flat: ())
+            plan = self._plans[shape] = (names, pick)
         return plan
 
     def _write_layers(self, rows: list[StepRow]) -> None:

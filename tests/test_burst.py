@@ -142,3 +142,22 @@ def test_a_message_not_of_the_burst_is_decoded_alone() -> None:
     assert burst.take(wire.encode(dynamics(RUN_A, 9))) is None
     assert burst.take(datas[0]) is not None
     assert burst.take(datas[2]) is None  # out of order
+
+
+def test_layer_means_of_different_lengths_are_stored_cell_by_cell(tmp_path: Path) -> None:
+    from collector.store import RunStore, StepRow
+
+    store = RunStore(tmp_path / RUN_A)
+    means = {"top_norm": [1.0, 2.0], "norm": [3.0], "routing_weight": [0.5, 0.25, 0.25]}
+    per_layer = {m: [v] for m, v in means.items()}
+    store.add_step(StepRow(7, 1.0, None, None, 1, 0.0, 0, means, per_layer))
+    store.close()
+    conn = sqlite3.connect(tmp_path / RUN_A / "dynamics.db")
+    try:
+        got = conn.execute(
+            "SELECT expert_0_top_norm, expert_1_top_norm, expert_0_clean_norm, "
+            "expert_1_perturbed_norm, expert_1_routing_weight FROM dynamics WHERE step=7"
+        ).fetchone()
+    finally:
+        conn.close()
+    assert got == (1.0, 2.0, 3.0, None, 0.25)
