@@ -131,7 +131,7 @@ def _prepare(
     if int(missing.sum()) != values.count(None) or not _in_range(table, missing, names):
         return None
     means = _layer_means(table, missing, names)
-    rows = _layer_rows([m["step"] for m in messages], table, missing, names)
+    rows = _layer_rows([m["step"] for m in messages], values, table.shape, names)
     records = rows or [None] * len(messages)
     return [
         Prepared(dict(zip(names, m, strict=True)), r) for m, r in zip(means, records, strict=True)
@@ -193,23 +193,24 @@ def _layer_means(
 
 
 def _layer_rows(
-    steps: list[int], table: np.ndarray, missing: np.ndarray, names: tuple[str, ...]
+    steps: list[int], values: list[Any], shape: tuple[int, ...], names: tuple[str, ...]
 ) -> list[LayerRows] | None:
     """Each message's `layer_dynamics` records (step, layer, expert, metrics in EXPERT_METRICS
-    order), flat, for one multi-row INSERT; None if they need more than one statement."""
-    n, _, n_layers, n_experts = table.shape
+    order), flat, for one multi-row INSERT; None if they need more than one statement. They
+    hold the decoded values themselves (None included): no new float objects to make and free.
+    """
+    n, _, n_layers, n_experts = shape
     n_cells = n_layers * n_experts
     if n_cells > CELLS_PER_STATEMENT:
         return None
     metrics = tuple(m for m in wire.EXPERT_METRICS if m in names)
     order = [names.index(m) for m in metrics]
-    # [message][layer][expert][metric] -> [message][cell][metric]
-    values = table[:, order].transpose(0, 2, 3, 1).reshape(n, n_cells, len(metrics))
+    # [message][metric][layer][expert] -> [message][cell][metric]
+    decoded = np.array(values, dtype=object).reshape(shape)
     cells = np.empty((n, n_cells, 3 + len(metrics)), dtype=object)
     cells[:, :, 0] = np.array(steps, dtype=object)[:, None]
     cells[:, :, 1:3] = _cell_index(n_layers, n_experts)
-    cells[:, :, 3:] = values.astype(object)
-    cells[:, :, 3:][missing[:, order].transpose(0, 2, 3, 1).reshape(values.shape)] = None
+    cells[:, :, 3:] = decoded[:, order].transpose(0, 2, 3, 1).reshape(n, n_cells, len(metrics))
     return [(metrics, n_cells, params) for params in cells.reshape(n, -1).tolist()]
 
 
