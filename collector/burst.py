@@ -10,14 +10,13 @@ so every rejection reason, cleaned value and NaN/Inf count stays the same.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
 import numpy as np
 
-from collector.store import CELLS_PER_STATEMENT, LayerRows
+from collector.store import CELLS_PER_STATEMENT, LayerRows, layer_cells_sql
 from prismatic import wire
 from prismatic.errors import ProtocolError
 
@@ -195,29 +194,19 @@ def _layer_means(
 def _layer_rows(
     steps: list[int], values: list[Any], shape: tuple[int, ...], names: tuple[str, ...]
 ) -> list[LayerRows] | None:
-    """Each message's `layer_dynamics` records (step, layer, expert, metrics in EXPERT_METRICS
-    order), flat, for one multi-row INSERT; None if they need more than one statement. They
-    hold the decoded values themselves (None included): no new float objects to make and free.
-    """
+    """Each message's `layer_dynamics` INSERT and its parameters: the step, then each cell's
+    metrics in EXPERT_METRICS order; None if they need more than one statement. They hold the
+    decoded values themselves (None included): no new float objects to make and free."""
     n, _, n_layers, n_experts = shape
     n_cells = n_layers * n_experts
     if n_cells > CELLS_PER_STATEMENT:
         return None
     metrics = tuple(m for m in wire.EXPERT_METRICS if m in names)
+    sql = layer_cells_sql(metrics, n_layers, n_experts)
     order = [names.index(m) for m in metrics]
-    # [message][metric][layer][expert] -> [message][cell][metric]
+    # [message][metric][layer][expert] -> [message][layer][expert][metric], flat per message
     decoded = np.array(values, dtype=object).reshape(shape)
-    cells = np.empty((n, n_cells, 3 + len(metrics)), dtype=object)
-    cells[:, :, 0] = np.array(steps, dtype=object)[:, None]
-    cells[:, :, 1:3] = _cell_index(n_layers, n_experts)
-    cells[:, :, 3:] = decoded[:, order].transpose(0, 2, 3, 1).reshape(n, n_cells, len(metrics))
-    return [(metrics, n_cells, params) for params in cells.reshape(n, -1).tolist()]
-
-
-@functools.cache
-def _cell_index(n_layers: int, n_experts: int) -> np.ndarray:
-    """(layer, expert) of each cell, layer by layer, as Python ints."""
-    return np.array(
-        [(layer, expert) for layer in range(n_layers) for expert in range(n_experts)],
-        dtype=object,
-    )
+    params = np.empty((n, 1 + n_cells * len(metrics)), dtype=object)
+    params[:, 0] = steps
+    params[:, 1:] = decoded[:, order].transpose(0, 2, 3, 1).reshape(n, -1)
+    return [(sql, p) for p in params.tolist()]

@@ -36,9 +36,9 @@ CELLS_PER_STATEMENT = 256
 MAX_VARIABLES = 16_000  # per multi-row dynamics upsert (SQLite allows 32,766)
 STEP_ROWS_PER_STATEMENT = 16  # measured: 16 rows a statement insert fastest (1 to 256 tried)
 _KEEP_IF_NULL = frozenset(("loss", "val_loss", "lr"))
-# A step's layer_dynamics records built ahead (collector/burst.py): the metric columns, the
-# number of cells and their parameters, flat, for one multi-row INSERT.
-LayerRows = tuple[tuple[str, ...], int, list[Any]]
+# A step's layer_dynamics records built ahead (collector/burst.py): the INSERT (layer_cells_sql)
+# and its parameters, the step and then every cell's metrics.
+LayerRows = tuple[str, list[Any]]
 
 
 @dataclass
@@ -323,10 +323,11 @@ class RunStore:
         cells) with its cells as rows of one multi-row VALUES, a fifth faster in SQLite than
         one statement per cell (measured with bench/collector.py's message shape)."""
         groups: dict[tuple[tuple[str, ...], int], list[list]] = {}
+        built: dict[str, list[list]] = {}
         for row in rows:
             if row.layer_rows is not None:
-                metrics, n_cells, params = row.layer_rows
-                groups.setdefault((metrics, n_cells), []).append(params)
+                sql, params = row.layer_rows
+                built.setdefault(sql, []).append(params)
                 continue
             metrics = tuple(m for m in EXPERT_METRICS if m in row.per_layer)
             if not metrics:
@@ -342,6 +343,8 @@ class RunStore:
                 groups.setdefault((metrics, len(chunk)), []).append(params)
         for (metrics, n_cells), params_list in groups.items():
             self.conn.executemany(_layer_sql(metrics, n_cells), params_list)
+        for sql, params_list in built.items():
+            self.conn.executemany(sql, params_list)
 
     def _write_run(self, updates: dict[str, Any], counts: dict[str, int]) -> None:
         run_hash = self.run_hash
@@ -424,6 +427,21 @@ def _layer_sql(metrics: tuple[str, ...], n_cells: int) -> str:
     cols = ", ".join(db.quote(c) for c in ("step", "layer", "expert", *metrics))
     one = f"({', '.join('?' * (3 + len(metrics)))})"
     return f"INSERT OR REPLACE INTO layer_dynamics ({cols}) VALUES {', '.join([one] * n_cells)}"
+
+
+@functools.cache
+def layer_cells_sql(metrics: tuple[str, ...], n_layers: int, n_experts: int) -> str:
+    """One step's layer_dynamics INSERT with each cell's layer and expert written in the SQL
+    and the step bound once (?1): a third fewer parameters to make and bind than _layer_sql."""
+    cols = ", ".join(db.quote(c) for c in ("step", "layer", "expert", *metrics))
+    k = len(metrics)
+    cells = (
+        f"(?1, {layer}, {expert}, {', '.join(f'?{2 + cell * k + i}' for i in range(k))})"
+        for cell, (layer, expert) in enumerate(
+            (la, ex) for la in range(n_layers) for ex in range(n_experts)
+        )
+    )
+    return f"INSERT OR REPLACE INTO layer_dynamics ({cols}) VALUES {', '.join(cells)}"
 
 
 @functools.cache
