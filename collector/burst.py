@@ -125,12 +125,14 @@ def _prepare(
     values = _plain_values(messages, key)
     if values is None:
         return None
-    table = np.array(values, dtype=float).reshape(len(messages), len(names), n_layers, n_experts)
-    missing = np.isnan(table)  # None; no NaN was sent if there are as many as Nones
-    if int(missing.sum()) != values.count(None) or not _in_range(table, missing, names):
-        return None
+    shape = (len(messages), len(names), n_layers, n_experts)
+    decoded = np.array(values, dtype=object).reshape(shape)  # the very objects, None included
+    missing = np.equal(decoded, None)
+    table = decoded.astype(float)  # None becomes NaN, masked by `missing` from here on
+    if np.isnan(table[~missing]).any() or not _in_range(table, missing, names):
+        return None  # a NaN was sent, or a value is out of range
     means = _layer_means(table, missing, names)
-    rows = _layer_rows([m["step"] for m in messages], values, table.shape, names)
+    rows = _layer_rows([m["step"] for m in messages], decoded, names)
     records = rows or [None] * len(messages)
     return [
         Prepared(dict(zip(names, m, strict=True)), r) for m, r in zip(means, records, strict=True)
@@ -192,12 +194,12 @@ def _layer_means(
 
 
 def _layer_rows(
-    steps: list[int], values: list[Any], shape: tuple[int, ...], names: tuple[str, ...]
+    steps: list[int], decoded: np.ndarray, names: tuple[str, ...]
 ) -> list[LayerRows] | None:
     """Each message's `layer_dynamics` INSERT and its parameters: the step, then each cell's
     metrics in EXPERT_METRICS order; None if they need more than one statement. They hold the
     decoded values themselves (None included): no new float objects to make and free."""
-    n, _, n_layers, n_experts = shape
+    n, _, n_layers, n_experts = decoded.shape
     n_cells = n_layers * n_experts
     if n_cells > CELLS_PER_STATEMENT:
         return None
@@ -205,7 +207,6 @@ def _layer_rows(
     sql = layer_cells_sql(metrics, n_layers, n_experts)
     order = [names.index(m) for m in metrics]
     # [message][metric][layer][expert] -> [message][layer][expert][metric], flat per message
-    decoded = np.array(values, dtype=object).reshape(shape)
     params = np.empty((n, 1 + n_cells * len(metrics)), dtype=object)
     params[:, 0] = steps
     params[:, 1:] = decoded[:, order].transpose(0, 2, 3, 1).reshape(n, -1)
