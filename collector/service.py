@@ -165,7 +165,7 @@ class Collector:
         self._burst = Burst(datas)
         # The cyclic garbage collector would walk the burst's young, acyclic message trees over
         # and over (tens of thousands of lists); reference counting frees them anyway. Measured
-        # with /tmp-style in-process runs: the collector's throughput rose by two thirds.
+        # in-process (messages fed to handle_bytes in bursts): two thirds more messages a second.
         collecting = gc.isenabled()
         gc.disable()
         try:
