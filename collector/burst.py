@@ -133,13 +133,13 @@ def _prepare(
         return None
     shape = (len(messages), len(names), n_layers, n_experts)
     decoded = np.array(values, dtype=object).reshape(shape)  # the very objects, None included
-    missing = np.equal(decoded, None)
+    missing = np.equal(decoded, None)  # type: ignore[call-overload]  # elementwise `is None`
     table = decoded.astype(float)  # None becomes NaN, masked by `missing` from here on
     if np.isnan(table[~missing]).any() or not _in_range(table, missing, names):
         return None  # a NaN was sent, or a value is out of range
     means = _layer_means(table, missing, names)
     rows = _layer_rows([m["step"] for m in messages], decoded, names)
-    records = rows or [None] * len(messages)
+    records: list[LayerRows | None] = list(rows) if rows else [None] * len(messages)
     return [
         Prepared(dict(zip(names, m, strict=True)), r) for m, r in zip(means, records, strict=True)
     ]

@@ -15,7 +15,7 @@ import operator
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from pathlib import Path
@@ -101,7 +101,7 @@ class RunStore:
         self.last_write = time.monotonic()
         self.rows_written = 0
         self.unwritable_rows = 0  # rows dropped because SQLite could not hold them
-        self._plans: dict[tuple, tuple[tuple[str, ...], Callable[[list], tuple]]] = {}
+        self._plans: dict[tuple, tuple[tuple[str, ...], Callable[[list], Sequence]]] = {}
 
     # --- buffering -----------------------------------------------------------------------------
 
@@ -294,7 +294,7 @@ class RunStore:
 
     def _column_plan(
         self, metrics: tuple[str, ...], n_experts: int
-    ) -> tuple[tuple[str, ...], Callable[[list], tuple]]:
+    ) -> tuple[tuple[str, ...], Callable[[list], Sequence]]:
         """For rows of this shape (metrics in order, each of n_experts values): the column
         names and a getter of the values behind the expert columns from the row's layer means
         flattened in that order (in C: a row's values are picked without a Python loop).
@@ -311,10 +311,13 @@ class RunStore:
             ]
             names = ("step", *db.STEP_COLUMNS, *(column for _, column in cells))
             indices = [index for index, _ in cells]
-            if len(indices) == 1:  # itemgetter of one index returns the value, not a tuple
-                pick: Callable[[list], tuple] = lambda flat, i=indices[0]: (flat[i],)  # noqa: E731
+            # itemgetter of one index returns the value itself: then (and for none) a slice.
+            if len(indices) > 1:
+                pick: Callable[[list], Sequence] = operator.itemgetter(*indices)
             else:
-                pick = operator.itemgetter(*indices) if indices else (lambda flat: ())
+                pick = operator.itemgetter(
+                    slice(indices[0], indices[0] + 1) if indices else slice(0)
+                )
             plan = self._plans[shape] = (names, pick)
         return plan
 
