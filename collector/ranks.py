@@ -11,10 +11,13 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from collector.store import StepRow
 from prismatic.aggregate import combine_ranks, mean_over_layers
+
+if TYPE_CHECKING:
+    from collector.burst import Prepared
 
 # How long a step written before all ranks reported still takes late ranks, in rank timeouts.
 LATE_RANK_TIMEOUTS = 10
@@ -38,12 +41,19 @@ class PendingSteps:
         self._waiting: dict[str, Steps] = {}
         self._written_partial: dict[str, Steps] = {}
 
-    def add(self, message: dict[str, Any], world_size: int, shards: bool) -> StepRow | None:
+    def add(
+        self,
+        message: dict[str, Any],
+        world_size: int,
+        shards: bool,
+        prepared: Prepared | None = None,
+    ) -> StepRow | None:
         """Record one rank's report; the combined row once every rank has reported (or at
-        once, with one more rank, for a step already written partially)."""
+        once, with one more rank, for a step already written partially). `prepared`: the
+        message's layer means and records, if computed with its burst."""
         run, step = message["run"], message["step"]
         if world_size == 1 and run not in self._waiting and run not in self._written_partial:
-            return build_single(message, shards)
+            return build_single(message, shards, prepared)
         partial = self._written_partial.get(run)
         if partial is not None and step in partial:
             late = partial[step]
@@ -111,10 +121,12 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def build_single(message: dict[str, Any], shards: bool = False) -> StepRow:
+def build_single(
+    message: dict[str, Any], shards: bool = False, prepared: Prepared | None = None
+) -> StepRow:
     """The common case, one rank: no waiting, no combining."""
     metrics = message["metrics"]
-    layer_mean = mean_over_layers(metrics)
+    layer_mean = prepared.layer_mean if prepared else mean_over_layers(metrics)
     nonfinite = layer_mean.get("nonfinite") or ()
     return StepRow(
         step=message["step"],
@@ -128,6 +140,7 @@ def build_single(message: dict[str, Any], shards: bool = False) -> StepRow:
         per_layer=metrics,
         world_size=1,
         sent_ts=message["ts"],
+        layer_rows=prepared.layer_rows if prepared else None,
     )
 
 

@@ -9,6 +9,7 @@ thread stays free for signals (see its docstring).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 
 import zmq
 
+from collector.burst import Burst, Prepared
 from collector.chores import Chores
 from collector.gaps import SpoolWatch
 from collector.ranks import PendingSteps
@@ -106,6 +108,7 @@ class Collector:
         self._unwritable: dict[str, float] = {}  # run hash -> when opening its database failed
         self._last_warning: dict[str, float] = {}
         self._checkpoint_turn = 0
+        self._burst: Burst | None = None  # the burst _drain is handling
         self.spools = SpoolWatch(self)  # replays from spool files what the socket missed
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -151,14 +154,29 @@ class Collector:
         return sock
 
     def _drain(self, sock: zmq.Socket, limit: int = 5000) -> None:
+        """Receive what is queued (up to `limit`), then handle it as one burst: its messages
+        are checked and averaged together (collector/burst.py), and applied one by one."""
+        datas = []
         for _ in range(limit):
             try:
-                data = sock.recv(zmq.NOBLOCK, copy=True)
+                datas.append(sock.recv(zmq.NOBLOCK, copy=True))
             except zmq.Again:
-                return
-            self.handle_bytes(data)
-            if self._buffered >= self.flush_rows:
-                self.flush()
+                break
+        self._burst = Burst(datas)
+        # The cyclic garbage collector would walk the burst's young, acyclic message trees over
+        # and over (tens of thousands of lists); reference counting frees them anyway. Measured
+        # in-process (messages fed to handle_bytes in bursts): two thirds more messages a second.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for data in datas:
+                self.handle_bytes(data)
+                if self._buffered >= self.flush_rows:
+                    self.flush()
+        finally:
+            self._burst = None
+            if collecting:
+                gc.enable()
 
     def _adopt_live_runs(self) -> None:
         """Runs left `live` by an earlier collector: watch them too, so silent ones go stale."""
@@ -207,10 +225,11 @@ class Collector:
         """Validate and apply one message; False if it was rejected (and counted)."""
         self.stats.received += 1
         try:
-            message = wire.decode(data)
+            decoded = self._burst.take(data) if self._burst is not None else None
+            message, prepared = decoded or (wire.decode(data), None)
             if not self.spools.observe(message, data):
                 return True  # already ingested from its spool file
-            self.handle(message)
+            self.handle(message, prepared)
         except ProtocolError as exc:
             self.reject(exc.reason, exc.detail)
             return False
@@ -219,8 +238,9 @@ class Collector:
             return False
         return True
 
-    def handle(self, message: dict[str, Any]) -> None:
-        """Apply one validated message, from the socket or a spool replay.
+    def handle(self, message: dict[str, Any], prepared: Prepared | None = None) -> None:
+        """Apply one validated message, from the socket or a spool replay (`prepared`: its
+        layer means and records, if its burst computed them).
 
         Raises ProtocolError("bad_rank") for a rank outside the run's declared world size, and
         SchemaError when the run's database cannot be written.
@@ -239,7 +259,7 @@ class Collector:
             state.status = "live"
             store.update_run(status="live")
         if kind == wire.KIND_DYNAMICS:
-            self._on_dynamics(state, message)
+            self._on_dynamics(state, message, prepared)
         elif kind == wire.KIND_RUN_START:
             store.update_run(**self._on_run_start(state, message))
         else:
@@ -270,7 +290,9 @@ class Collector:
             "versions": message["versions"],
         }
 
-    def _on_dynamics(self, state: RunState, message: dict[str, Any]) -> None:
+    def _on_dynamics(
+        self, state: RunState, message: dict[str, Any], prepared: Prepared | None = None
+    ) -> None:
         if message["nonfinite_values"]:
             self.stats.nonfinite_values += message["nonfinite_values"]
             self.reject(
@@ -278,7 +300,7 @@ class Collector:
             )
         if not state.declared:  # no run_start seen: the widest rank so far is the world
             state.world_size = max(state.world_size, message["rank"] + 1)
-        row = self._pending.add(message, state.world_size, state.shards)
+        row = self._pending.add(message, state.world_size, state.shards, prepared)
         if row is not None:
             self._add_row(message["run"], row)
 

@@ -99,6 +99,20 @@ def header(kind: str, run: str, rank: int, seq: int) -> dict[str, Any]:
 
 def decode(data: bytes) -> dict[str, Any]:
     """Bytes from the socket to a validated message; raises ProtocolError(reason)."""
+    return validate(_unpack(data))
+
+
+def decode_deferred(data: bytes) -> tuple[dict[str, Any], bool]:
+    """`decode`, except that a dynamics message's `metrics` map is left unchecked: then True,
+    and the caller must check it as `validate_metrics` does (that check is the last one, so
+    deferring it leaves every rejection reason as it was) and add its NaN/Inf count to
+    `nonfinite_values`. Lets the collector check a burst of messages' tables at once."""
+    raw = _unpack(data)
+    deferred = type(raw) is dict and raw.get("kind") == KIND_DYNAMICS and "metrics" in raw
+    return validate(raw, defer_metrics=deferred), deferred
+
+
+def _unpack(data: bytes) -> Any:
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError("oversized", f"{len(data)} bytes > {MAX_MESSAGE_BYTES}")
     try:
@@ -107,10 +121,10 @@ def decode(data: bytes) -> dict[str, Any]:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ProtocolError("bad_msgpack", type(exc).__name__) from None
-    return validate(raw)
+    return raw
 
 
-def validate(raw: Any) -> dict[str, Any]:
+def validate(raw: Any, defer_metrics: bool = False) -> dict[str, Any]:
     """A decoded map to a normalised message; raises ProtocolError(reason) if it is not one."""
     if not isinstance(raw, dict):
         raise ProtocolError("not_a_map", type(raw).__name__)
@@ -137,7 +151,7 @@ def validate(raw: Any) -> dict[str, Any]:
     if kind == KIND_RUN_START:
         msg.update(_validate_run_start(raw))
     elif kind == KIND_DYNAMICS:
-        msg.update(_validate_dynamics(raw))
+        msg.update(_validate_dynamics(raw, defer_metrics))
     else:
         msg.update(_validate_run_end(raw))
     return msg
@@ -239,7 +253,7 @@ def _validate_run_end(raw: dict) -> dict[str, Any]:
     }
 
 
-def _validate_dynamics(raw: dict) -> dict[str, Any]:
+def _validate_dynamics(raw: dict, defer_metrics: bool = False) -> dict[str, Any]:
     loss, bad_loss = _scalar(raw, "loss")
     val_loss, bad_val = _scalar(raw, "val_loss")
     lr, bad_lr = _scalar(raw, "lr")
@@ -249,7 +263,9 @@ def _validate_dynamics(raw: dict) -> dict[str, Any]:
         "val_loss": val_loss,
         "lr": lr,
     }
-    if "metrics" in raw:
+    if defer_metrics and "metrics" in raw:
+        metrics, nonfinite = raw["metrics"], 0  # checked by the caller (decode_deferred)
+    elif "metrics" in raw:
         metrics, nonfinite = validate_metrics(raw["metrics"])
     elif "expert_gradients" in raw:
         metrics, nonfinite = validate_metrics(_from_design_note(raw))

@@ -1,0 +1,163 @@
+"""Bursts (collector/burst.py): checking and averaging many messages at once gives exactly what
+one message at a time gives: the same messages, rejections, layer means and stored rows."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from collector_support import RUN_A, RUN_B, dynamics, metrics, run_start
+
+from collector.burst import CHUNK, Burst, decode_burst
+from collector.service import Collector
+from prismatic import wire
+from prismatic.aggregate import mean_over_layers
+from prismatic.errors import ProtocolError
+
+
+def _variants(rng: random.Random) -> list[dict[str, Any]]:
+    """Plainly valid messages of several shapes, and each kind of trouble the fast path must
+    hand over to the one-message checks."""
+    out = []
+    for step in range(40):
+        layers, experts = rng.choice([(4, 3), (4, 3), (1, 1), (9, 2)])
+        m = metrics(step, layers, experts)
+        out.append(dynamics(RUN_A if step % 2 else RUN_B, step, metrics=m))
+    spoilers = [
+        lambda t: t["norm"][0].__setitem__(1, math.nan),
+        lambda t: t["norm"][0].__setitem__(1, math.inf),
+        lambda t: t["top_norm"][1].__setitem__(0, -1.0),
+        lambda t: t["divergence"][1].__setitem__(1, -0.5),  # allowed: not range-checked
+        lambda t: t["top_norm"][1].__setitem__(0, -0.0),
+        lambda t: t["norm"][0].__setitem__(0, 2),  # an int: cleaned to a float
+        lambda t: t["norm"][0].__setitem__(0, True),
+        lambda t: t["norm"][0].__setitem__(0, "1.0"),
+        lambda t: t["nonfinite"][0].__setitem__(0, 3.0),
+        lambda t: t["nonfinite"][0].__setitem__(0, 2.5),
+        lambda t: t["norm"][0].append(1.0),  # ragged
+        lambda t: t["norm"].append([1.0, 1.0, 1.0]),  # more layers than the others
+        lambda t: t.__setitem__("bogus", t["norm"]),
+        lambda t: t.__setitem__("norm", {"a": 1}),
+        lambda t: t["norm"].__setitem__(0, "abc"),
+        lambda t: t.pop("divergence"),  # another metric set
+        lambda t: [row.__setitem__(0, None) for row in t["top_norm"]],  # no value at all
+        lambda t: t["top_norm"][0].__setitem__(0, 1e308) or t["top_norm"][1].__setitem__(0, 1e308),
+    ]
+    for i, spoil in enumerate(spoilers):
+        m = metrics(100 + i)
+        spoil(m)
+        out.append(dynamics(RUN_A, 100 + i, metrics=m))
+    out.append(dynamics(RUN_A, 200, metrics={}))
+    out.append(dynamics(RUN_A, 201, metrics=[1, 2]))
+    out.append(dynamics(RUN_A, 202, loss=math.nan))
+    out.append({**dynamics(RUN_A, 203), "step": -1})
+    out.append({**dynamics(RUN_A, 204), "v": 2})
+    rng.shuffle(out)
+    return out
+
+
+def _decode_one(data: bytes) -> Any:
+    try:
+        return wire.decode(data)
+    except ProtocolError as exc:
+        return exc.reason
+
+
+def test_a_burst_decodes_as_messages_one_by_one() -> None:
+    messages = _variants(random.Random(1))
+    datas = [wire.encode(m) for m in messages] + [b"\xc1", b"\x90"]
+    burst = decode_burst(datas)
+    fast = 0
+    for data, result in zip(datas, burst, strict=True):
+        expected = _decode_one(data)
+        if isinstance(result, ProtocolError):
+            assert result.reason == expected
+            continue
+        message, prepared = result
+        assert message == expected
+        if prepared is not None:
+            fast += 1
+            assert prepared.layer_mean == mean_over_layers(expected["metrics"])
+            assert _same_floats(prepared.layer_mean, mean_over_layers(expected["metrics"]))
+    assert fast >= 20  # the plainly valid, but for some next to trouble
+
+
+def _same_floats(a: Any, b: Any) -> bool:
+    """Equal down to the sign of zero."""
+    return repr(a) == repr(b)
+
+
+def _dump(path: Path) -> tuple[list, list]:
+    conn = sqlite3.connect(path)
+    try:
+        cols = [r[1] for r in conn.execute("PRAGMA table_info(dynamics)") if r[1] != "updated"]
+        wide = conn.execute(f"SELECT {', '.join(cols)} FROM dynamics ORDER BY step").fetchall()
+        layers = conn.execute("SELECT * FROM layer_dynamics ORDER BY step, layer, expert")
+        return wide, layers.fetchall()
+    finally:
+        conn.close()
+
+
+def _feed(collector: Collector, datas: list[bytes], in_bursts: bool) -> None:
+    if not in_bursts:
+        for data in datas:
+            collector.handle_bytes(data)
+        collector.shutdown()
+        return
+    for start in range(0, len(datas), 700):
+        chunk = datas[start : start + 700]
+        collector._burst = Burst(chunk)
+        for data in chunk:
+            collector.handle_bytes(data)
+        collector._burst = None
+    collector.shutdown()
+
+
+def test_bursts_store_what_single_messages_store(tmp_path: Path) -> None:
+    rng = random.Random(2)
+    messages = [run_start(RUN_A), run_start(RUN_B)] + _variants(rng)
+    for step in range(1000, 1000 + 2 * CHUNK):  # several chunks of the common case
+        messages.append(dynamics(RUN_A, step))
+    datas = [wire.encode(m) for m in messages]
+    one, many = Collector(runs_dir=tmp_path / "one"), Collector(runs_dir=tmp_path / "many")
+    _feed(one, copy.deepcopy(datas), in_bursts=False)
+    _feed(many, datas, in_bursts=True)
+    assert one.stats.rejected == many.stats.rejected
+    assert one.stats.nonfinite_values == many.stats.nonfinite_values
+    assert one.stats.received == many.stats.received
+    for run in (RUN_A, RUN_B):
+        wide, layers = _dump(tmp_path / "one" / run / "dynamics.db")
+        assert (wide, layers) == _dump(tmp_path / "many" / run / "dynamics.db")
+        assert repr(wide) == repr(_dump(tmp_path / "many" / run / "dynamics.db")[0])
+        assert len(layers) > (12 * 2 * CHUNK if run == RUN_A else 0)
+
+
+def test_a_message_not_of_the_burst_is_decoded_alone() -> None:
+    datas = [wire.encode(dynamics(RUN_A, s)) for s in range(3)]
+    burst = Burst(datas)
+    assert burst.take(wire.encode(dynamics(RUN_A, 9))) is None
+    assert burst.take(datas[0]) is not None
+    assert burst.take(datas[2]) is None  # out of order
+
+
+def test_layer_means_of_different_lengths_are_stored_cell_by_cell(tmp_path: Path) -> None:
+    from collector.store import RunStore, StepRow
+
+    store = RunStore(tmp_path / RUN_A)
+    means = {"top_norm": [1.0, 2.0], "norm": [3.0], "routing_weight": [0.5, 0.25, 0.25]}
+    per_layer = {m: [v] for m, v in means.items()}
+    store.add_step(StepRow(7, 1.0, None, None, 1, 0.0, 0, means, per_layer))
+    store.close()
+    conn = sqlite3.connect(tmp_path / RUN_A / "dynamics.db")
+    try:
+        got = conn.execute(
+            "SELECT expert_0_top_norm, expert_1_top_norm, expert_0_clean_norm, "
+            "expert_1_perturbed_norm, expert_1_routing_weight FROM dynamics WHERE step=7"
+        ).fetchone()
+    finally:
+        conn.close()
+    assert got == (1.0, 2.0, 3.0, None, 0.25)
