@@ -4,7 +4,9 @@ trainer's `log_gradient_dynamics`, which returns the design note's layer-average
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from functools import reduce
+from operator import add
 
 from prismatic.wire import COUNT_METRICS, TIER_METRICS
 
@@ -12,9 +14,16 @@ Table = list[list[float | None]]  # [layer][expert]
 NORM_METRICS = (*TIER_METRICS, "norm")
 
 
+def _sum(values: Iterable[float]) -> float:
+    """Left to right, as Python 3.11's sum() adds floats. From 3.12 sum() compensates rounding,
+    which would change a mean's last bit with the Python version; the collector's numpy path
+    (collector/burst.py) adds in this order too, so both store the same bits."""
+    return reduce(add, values, 0)
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
+    return _sum(present) / len(present) if present else None
 
 
 def mean_over_layers(metrics: dict[str, Table]) -> dict[str, list[float | None]]:
@@ -28,7 +37,7 @@ def mean_over_layers(metrics: dict[str, Table]) -> dict[str, list[float | None]]
             out[name] = _mean_with_gaps(name, table)
             continue
         try:
-            sums = list(map(sum, columns))  # in C; TypeError if a value is missing (None)
+            sums = list(map(_sum, columns))  # in C; TypeError if a value is missing (None)
         except TypeError:
             out[name] = _column_means(name, columns, len(table))
             continue
@@ -43,11 +52,11 @@ def mean_over_layers(metrics: dict[str, Table]) -> dict[str, list[float | None]]
 def _column_means(name: str, columns: list[tuple], n_layers: int) -> list[float | None]:
     """Column by column, for a table with missing values (expert 0's divergence, say)."""
     if name in COUNT_METRICS:
-        return [float(sum(v for v in col if v is not None)) for col in columns]
+        return [float(_sum(v for v in col if v is not None)) for col in columns]
     out: list[float | None] = []
     for column in columns:
         try:
-            out.append(sum(column) / n_layers)
+            out.append(_sum(column) / n_layers)
         except TypeError:
             out.append(_mean(column))
     return out
