@@ -28,3 +28,7 @@ class SchemaError(PrismaticError):
 
 class ProbeError(PrismaticError):
     """The model holds no Prismatic layer, so there is nothing to probe."""
+
+
+class ExpertShapeError(PrismaticError, ValueError):
+    """A Prismatic layer's expert returned an output whose shape is not its input's."""

@@ -144,3 +144,11 @@ def test_width_must_be_given_when_it_cannot_be_inferred():
     with pytest.raises(ValueError, match="d_model"):
         Prismatic(nn.LayerNorm(8))
     assert Prismatic(nn.LayerNorm(8), d_model=8)(torch.randn(2, 8)).shape == (2, 8)
+
+
+def test_an_expert_that_changes_the_shape_is_refused_with_a_clear_error():
+    from prismatic.errors import ExpertShapeError
+
+    layer = Prismatic(nn.Linear(8, 4), num_experts=3)
+    with pytest.raises(ExpertShapeError, match=r"Linear\) maps \(2, 8\) to \(2, 4\)"):
+        layer(torch.randn(2, 8))

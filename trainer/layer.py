@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from prismatic.errors import ExpertShapeError
 from trainer.perturbation import STRATEGIES, perturb, select_tiers
 
 MIXING_MODES = ("outputs", "smear", "topk")
@@ -167,7 +168,16 @@ class Prismatic(nn.Module):
     # --- forward -------------------------------------------------------------------------------
 
     def _run_expert(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self._template[0], params, (x,))
+        y = functional_call(self._template[0], params, (x,))
+        if y.shape != x.shape:
+            # Caught here, not as a broadcasting error in the mixing sum further on.
+            raise ExpertShapeError(
+                f"Prismatic: its expert ({type(self._template[0]).__name__}) maps "
+                f"{tuple(x.shape)} to {tuple(y.shape)}; the experts' outputs are mixed in "
+                "place of the input, so an expert must return its input's shape "
+                "(e.g. an MLP d -> 4d -> d)"
+            )
+        return y
 
     def _routing(self, x: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(self.router(self.router_norm(x)), dim=-1)  # (..., E)
