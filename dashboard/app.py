@@ -133,7 +133,8 @@ def open_runs(
             run.layers = cache.layers(info.db_path)
         control = data.find_control(info, every) if with_controls else None
         if control is not None:
-            run.control = verdict.Control(control.short, cache.rows(control.db_path))
+            label = f"{control.name or 'control'} {control.run_hash}"
+            run.control = verdict.Control(label, cache.rows(control.db_path))
         opened.append(run)
     return opened
 

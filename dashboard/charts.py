@@ -28,6 +28,9 @@ PERTURBED_FAMILIES = [
     {"top": "#ffd27f", "bottom": "#e69500", "middle": "#7a4f00"},  # ambers
 ]
 PERTURBED_DASHES = ["dash", "dot", "dashdot", "longdash", "longdashdot"]
+# Log axes label 1, 2 and 5 of each decade: plotly's default labels every digit 1..9 once the
+# range spans about one decade, a column of numbers a newcomer found hard to read.
+LOG_AXIS = {"type": "log", "dtick": "D2"}
 LAYOUT = {
     "height": 520,
     "margin": {"l": 70, "r": 20, "t": 40, "b": 50},
@@ -118,7 +121,7 @@ def dynamics_figure(
                 traces.append(trace)
     layout = {
         **LAYOUT,
-        "yaxis": {"type": "log", "title": {"text": "gradient norm (log scale)"}},
+        "yaxis": {**LOG_AXIS, "title": {"text": "gradient norm (log scale)"}},
         "xaxis": {"title": {"text": "training step"}},
     }
     # Built from dicts: plotly validates once here instead of trace by trace.

@@ -11,6 +11,7 @@ from plotly.subplots import make_subplots
 from dashboard import verdict
 from dashboard.charts import (
     LAYOUT,
+    LOG_AXIS,
     TIER_LABELS,
     TIERS,
     LeftOut,
@@ -56,7 +57,7 @@ def _figure(traces: list[dict], y_title: str, log_y: bool = False, **layout) -> 
         layout={
             **LAYOUT,
             "height": 420,
-            "yaxis": {"type": "log" if log_y else "linear", "title": {"text": y_title}},
+            "yaxis": {**(LOG_AXIS if log_y else {"type": "linear"}), "title": {"text": y_title}},
             "xaxis": {"title": {"text": "training step"}},
             **layout,
         },
@@ -147,7 +148,7 @@ def layers_figure(
                     meta=f"layer {layer}", hovertemplate=f"{name}: %{{y:.6g}}<extra></extra>"
                 )
                 fig.add_trace(trace, row=row, col=1)
-        fig.update_yaxes(type="log", title_text="grad norm", row=row, col=1)
+        fig.update_yaxes(**LOG_AXIS, title_text="grad norm", row=row, col=1)
     fig.update_xaxes(title_text="training step", row=len(chosen), col=1)
     fig.update_layout(**{**LAYOUT, "height": max(360, 260 * len(chosen)), "hovermode": "closest"})
     return fig, left_out

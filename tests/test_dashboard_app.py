@@ -65,6 +65,7 @@ def test_chart_is_drawn_with_a_log_y_axis_and_a_trace_per_expert_and_tier(known,
     at = open_page(known, monkeypatch)
     figure = dynamics_figure(at)
     assert figure["layout"]["yaxis"]["type"] == "log"
+    assert figure["layout"]["yaxis"]["dtick"] == "D2"  # 1, 2, 5 labelled per decade
     expected = [
         f"expert {e} ({'clean' if e == 0 else 'perturbed'}) {tier}"
         for e in range(3)
