@@ -25,7 +25,8 @@ RULES = (
     f"Bottom weights wake up when a perturbed expert's recent-window bottom-tier norm is at least "
     f"{WAKE_RATIO}× expert 0's. Divergence is meaningful above {MEANINGFUL} and converging below "
     f"{CONVERGING}; when a scale-0 control of the same experiment is among the runs, what is held "
-    f"against these thresholds is the excess over the control's recent divergence. A trend is "
+    f"against these thresholds, and whose trend is judged, is the excess over the control's "
+    f"divergence. A trend is "
     f"sustained when the recent window keeps ≥ {SUSTAINED}× the first window's divergence; "
     f"collapsing when it falls below {CONVERGING}, or below {COLLAPSED}× the first window with a "
     f"falling slope; never diverged when both windows are below {CONVERGING}. Windows: the first "
@@ -156,7 +157,11 @@ def answer_all(
         ]
     if is_control:
         return _as_control(df, n_experts)
-    return [wake(df, n_experts), divergence(df, n_experts, control), cascade(df, n_experts)]
+    return [
+        wake(df, n_experts),
+        divergence(df, n_experts, control),
+        cascade(df, n_experts, control),
+    ]
 
 
 def _as_control(df: pd.DataFrame, n_experts: int) -> list[Answer]:
@@ -234,7 +239,8 @@ def divergence(df: pd.DataFrame, n_experts: int, control: Control | None = None)
     return Answer(QUESTIONS[1], verdict, summary, numbers)
 
 
-def cascade(df: pd.DataFrame, n_experts: int) -> Answer:
+def cascade(df: pd.DataFrame, n_experts: int, control: Control | None = None) -> Answer:
+    """The trend of divergence; with a control, the trend of the excess over the control's."""
     numbers: list[Number] = []
     trends: dict[int, str] = {}
     parts = []
@@ -248,20 +254,46 @@ def cascade(df: pd.DataFrame, n_experts: int) -> Answer:
             Number(e, "divergence slope per 1k steps", slope),
             Number(e, "weight drift slope per 1k steps", drift),
         ]
+        if control is not None:
+            first, recent, slope = _above_control(control, e, first, recent, slope, numbers)
         if first is None or recent is None:
             continue
         trends[e] = _trend(first, recent, slope)
         slope_text = f", slope {slope:+.4f}/1k steps" if slope is not None else ""
         drift_text = f", weight drift {drift:+.4f}/1k steps" if drift is not None else ""
+        sign = "" if control is None else "+"
         parts.append(
-            f"expert {e}: {first:.4f} → {recent:.4f}{slope_text}{drift_text} ({trends[e]})"
+            f"expert {e}: {first:{sign}.4f} → {recent:{sign}.4f}{slope_text}{drift_text} "
+            f"({trends[e]})"
         )
     if not trends:
         return Answer(QUESTIONS[2], "not enough data", "No divergence logged.", numbers)
     kinds = set(trends.values())
     verdict = kinds.pop() if len(kinds) == 1 and "fading" not in kinds else "mixed"
-    summary = "Divergence, first window → recent window: " + "; ".join(parts) + "."
+    what = "Divergence" if control is None else f"Divergence above the control's ({control.label})"
+    summary = f"{what}, first window → recent window: " + "; ".join(parts) + "."
     return Answer(QUESTIONS[2], verdict, summary, numbers)
+
+
+def _above_control(
+    control: Control,
+    expert: int,
+    first: float | None,
+    recent: float | None,
+    slope: float | None,
+    numbers: list[Number],
+) -> tuple[float | None, float | None, float | None]:
+    """(first, recent, slope) of this run's divergence minus its control's, recorded too."""
+    c_first, c_recent = windows(control.rows, expert, "divergence")
+    c_slope = slope_per_1k(control.rows, expert, "divergence")
+    numbers += [
+        Number(expert, "control first-window divergence", c_first),
+        Number(expert, "control recent divergence", c_recent),
+    ]
+    first = first - c_first if first is not None and c_first is not None else None
+    recent = recent - c_recent if recent is not None and c_recent is not None else None
+    slope = slope - c_slope if slope is not None and c_slope is not None else None
+    return first, recent, slope
 
 
 def _trend(first: float, recent: float, slope: float | None) -> str:

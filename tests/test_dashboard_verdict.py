@@ -15,10 +15,12 @@ import pandas as pd
 import pytest
 from dashboard_fixtures import (
     APP,
+    KNOWN_STEPS,
     known_rows,
     plotly_figures,
     step_row,
     synthetic_metrics,
+    synthetic_rows,
     texts,
     trace_names,
     write_run,
@@ -131,6 +133,12 @@ def test_a_run_no_more_divergent_than_its_control_shows_no_genuine_divergence(
         assert shown[(QUESTION_2, e, "divergence above control")] == pytest.approx(0, abs=1e-12)
     answer = verdict_of(at, QUESTION_2)
     assert "[no]" in answer and "above the scale-0 control's (control" in answer
+    # Nothing above the control at either end: the perturbation never added divergence.
+    for e in (1, 2):
+        first = EXPECTED[(QUESTION_3, e, "first-window divergence")]
+        assert shown[(QUESTION_3, e, "control first-window divergence")] == pytest.approx(first)
+    answer = verdict_of(at, QUESTION_3)
+    assert "[never diverged]" in answer and "above the control's (control" in answer
 
 
 def test_the_control_itself_is_a_baseline_not_an_answer(tmp_path, monkeypatch):
@@ -163,3 +171,19 @@ def test_a_control_must_share_the_experiment(tmp_path):
     assert data.find_control(infos[CONTROL], list(infos.values())) is None  # a control itself
     others = [infos[RUN], infos["d0d0d0d0d"]]  # a control with another mixing mode is no match
     assert data.find_control(infos[RUN], others) is None
+
+
+def test_divergence_above_a_control_that_never_diverged_is_the_run_own(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    # A control whose clones never diverge (divergence exactly 0 at every step).
+    quiet = synthetic_rows(KNOWN_STEPS, layers=2, experts=3, scale=0.0)
+    write_run(runs, CONTROL, quiet, name="control", scale=0.0, last_seen=1_000.0)
+    write_run(runs, RUN, known_rows(), last_seen=2_000.0)
+    at = page(runs, monkeypatch)
+    shown = {(r.question, r.expert, r.quantity): r.value for r in numbers_table(at).itertuples()}
+    for e in (1, 2):
+        recent = EXPECTED[(QUESTION_2, e, "recent divergence")]
+        assert shown[(QUESTION_2, e, "control recent divergence")] == 0.0
+        assert shown[(QUESTION_2, e, "divergence above control")] == pytest.approx(recent)
+    assert "[mixed]" in verdict_of(at, QUESTION_2)  # expert 1 meaningful, expert 2 weak
+    assert "[sustained]" in verdict_of(at, QUESTION_3)
