@@ -244,4 +244,5 @@ def test_plain_progress_is_throttled():
         progress.update(step, 1.0, force=step == 1000)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2  # the first step and the forced last one
+    assert lines[0].endswith("tok/s - eta -")  # nothing timed yet: no speed, no 0
     assert lines[-1].startswith("step 1000/1000")

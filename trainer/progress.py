@@ -45,13 +45,14 @@ class Progress:
         elapsed = time.perf_counter() - self._start
         done = step - self._start_step
         rate = done / elapsed if elapsed > 0 and done else 0.0
-        eta = (self.total - step) / rate if rate else 0.0
         loss_text = f"{loss:.4f}" if loss is not None else "-"
         val = f" val {val_loss:.4f}" if val_loss is not None else ""
-        return (
-            f"step {step}/{self.total} loss {loss_text}{val} "
-            f"tok/s {rate * self.tokens_per_step:,.0f} eta {_clock(eta)}"
-        )
+        if rate:
+            eta = _clock((self.total - step) / rate)
+            speed = f"{rate * self.tokens_per_step:,.0f}"
+        else:  # the first line: no step timed yet ("0" read as a stalled run)
+            eta = speed = "-"
+        return f"step {step}/{self.total} loss {loss_text}{val} tok/s {speed} eta {eta}"
 
     def update(
         self, step: int, loss: float | None, val_loss: float | None = None, force: bool = False
