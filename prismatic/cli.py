@@ -78,14 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--collector", help=f"collector address (default: the config's, {DEFAULT_COLLECTOR})"
     )
-    train.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
+    train.add_argument(
+        "--runs-dir",
+        default=DEFAULT_RUNS_DIR,
+        help=f"where run folders live (default: {DEFAULT_RUNS_DIR})",
+    )
     train.add_argument(
         "--resume", action="store_true", help="continue this run from its last checkpoint"
     )
 
     collect = sub.add_parser("collect", help="receive dynamics and write dynamics.db per run")
-    collect.add_argument("--bind", default=DEFAULT_COLLECTOR)
-    collect.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
+    collect.add_argument(
+        "--bind",
+        default=DEFAULT_COLLECTOR,
+        help=f"address to listen on (default: {DEFAULT_COLLECTOR})",
+    )
+    collect.add_argument(
+        "--runs-dir",
+        default=DEFAULT_RUNS_DIR,
+        help=f"where run folders live (default: {DEFAULT_RUNS_DIR})",
+    )
     collect.add_argument(
         "--stale-after",
         type=_positive_seconds,
@@ -112,9 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     dash = sub.add_parser("dashboard", help="serve the Streamlit dashboard")
-    dash.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
-    dash.add_argument("--port", type=_port, default=8501)
-    dash.add_argument("--address", default="127.0.0.1")
+    dash.add_argument(
+        "--runs-dir",
+        default=DEFAULT_RUNS_DIR,
+        help=f"where run folders live (default: {DEFAULT_RUNS_DIR})",
+    )
+    dash.add_argument("--port", type=_port, default=8501, help="port to serve on (default: 8501)")
+    dash.add_argument(
+        "--address", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)"
+    )
     dash.add_argument(
         "--allow-remote", action="store_true", help="allow serving on a non-loopback address"
     )
@@ -124,10 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
         "configs", nargs="*", help="configs to train (default: the stack in configs/stack.yaml)"
     )
     up.add_argument("--steps", type=_positive_int, help="override train.steps for every run")
-    up.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR)
-    up.add_argument("--port", type=_port, default=8501)
-    up.add_argument("--collector-port", type=_port, default=5557)
-    up.add_argument("--no-dashboard", action="store_true")
+    up.add_argument(
+        "--runs-dir",
+        default=DEFAULT_RUNS_DIR,
+        help=f"where run folders live (default: {DEFAULT_RUNS_DIR})",
+    )
+    up.add_argument("--port", type=_port, default=8501, help="dashboard port (default: 8501)")
+    up.add_argument(
+        "--collector-port", type=_port, default=5557, help="collector port (default: 5557)"
+    )
+    up.add_argument("--no-dashboard", action="store_true", help="start no dashboard")
     up.add_argument(
         "--keep-dashboard",
         action="store_true",
@@ -142,8 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     keys = sub.add_parser("keys", help="generate CURVE key files for the collector and trainers")
-    keys.add_argument("directory")
-    keys.add_argument("--clients", nargs="+", default=["trainer"])
+    keys.add_argument("directory", help="folder for the key files (created if missing)")
+    keys.add_argument(
+        "--clients",
+        nargs="+",
+        default=["trainer"],
+        help="names of the client key pairs to make (default: trainer)",
+    )
     return parser
 
 
