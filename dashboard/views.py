@@ -96,11 +96,14 @@ def header(run: Opened) -> None:
             "`outputs` or `topk` mixing to test divergence.",
             icon="⚠️",
         )
-    divergence_line(df, len(run.experts))
+    divergence_line(df, len(run.experts), run.control)
 
 
-def divergence_line(df: pd.DataFrame, n_experts: int) -> None:
-    """Per perturbed expert: latest and recent-window mean divergence, coloured by threshold."""
+def divergence_line(
+    df: pd.DataFrame, n_experts: int, control: verdict.Control | None = None
+) -> None:
+    """Per perturbed expert: latest and recent-window mean divergence, coloured by threshold;
+    and the control's recent mean, the level routing and dropout alone reach."""
     perturbed = verdict.perturbed_experts(df, n_experts)
     if not perturbed:
         return
@@ -114,10 +117,16 @@ def divergence_line(df: pd.DataFrame, n_experts: int) -> None:
             f"({verdict.divergence_level(recent)})"
         )
     w = verdict.window_size(len(df))
+    baseline = ""
+    if control is not None:
+        means = [verdict.windows(control.rows, e, "divergence")[1] for e in perturbed]
+        shown = ", ".join("–" if m is None else f"{m:.4f}" for m in means)
+        baseline = f" · its scale-0 control ({control.label}), recent mean: {shown}"
     st.markdown(
         f"**Divergence** (1 − cosine to expert 0; recent = last {w} logged steps; "
         f"> {verdict.MEANINGFUL} meaningful, < {verdict.CONVERGING} converging) — "
         + " · ".join(parts)
+        + baseline
     )
 
 

@@ -186,4 +186,6 @@ def test_divergence_above_a_control_that_never_diverged_is_the_run_own(tmp_path,
         assert shown[(QUESTION_2, e, "control recent divergence")] == 0.0
         assert shown[(QUESTION_2, e, "divergence above control")] == pytest.approx(recent)
     assert "[mixed]" in verdict_of(at, QUESTION_2)  # expert 1 meaningful, expert 2 weak
+    header = texts(at.markdown)
+    assert "its scale-0 control (control c0c0c0c0c), recent mean: 0.0000, 0.0000" in header
     assert "[sustained]" in verdict_of(at, QUESTION_3)
