@@ -31,6 +31,7 @@ from prismatic.config import load_config, run_hash
 from prismatic.errors import ConfigError
 
 log = logging.getLogger(__name__)
+_ALWAYS_SHOWN = ("listening on", "WARNING", "ERROR", "Traceback")
 REPO = Path(__file__).resolve().parent.parent
 STACK_FILE = "configs/stack.yaml"
 COLLECTOR_READY_S = 60.0
@@ -144,7 +145,9 @@ class Child:
                 # torchrun answers a stop signal with a traceback of its own: keep only errors.
                 show = "ERROR" in line
             else:
-                show = not self.quiet or "ERROR" in line or "Traceback" in line
+                # Quiet children (collector, dashboard) still show where they listen, and every
+                # warning or error: a rejected message, a database that cannot be written.
+                show = not self.quiet or any(word in line for word in _ALWAYS_SHOWN)
             if show:
                 print(f"[{self.label}] {line.rstrip()}", flush=True)
 

@@ -74,6 +74,7 @@ def test_up_trains_two_runs_and_leaves_finite_positive_norms_for_three_experts(t
     assert f"http://127.0.0.1:{port}" in output
     assert saw_dashboard, "the dashboard never answered its health check"
     assert "step 12/12" in output  # progress lines relayed per trainer
+    assert "[collector]" in output and "listening on tcp://127.0.0.1:" in output
 
     dbs = sorted(runs.glob("*/dynamics.db"))
     assert len(dbs) == 2  # the baseline and the scale-0 control
