@@ -367,7 +367,15 @@ def train(
 ) -> str:
     started = time.perf_counter()
     trainer = Trainer(cfg, runs_dir, collector, resume)
-    print(f"run {trainer.run_hash} ({cfg.name}) -> {trainer.run_dir}", flush=True)
+    first_rank = trainer.dist.rank == 0  # one start and one end line per run, not per rank
+    if first_rank:
+        print(f"run {trainer.run_hash} ({cfg.name}) -> {trainer.run_dir}", flush=True)
     status = trainer.run()
-    log.info("trainer: %s %s in %.1fs", trainer.run_hash, status, time.perf_counter() - started)
+    log.log(
+        logging.INFO if first_rank else logging.DEBUG,
+        "trainer: %s %s in %.1fs",
+        trainer.run_hash,
+        status,
+        time.perf_counter() - started,
+    )
     return status
