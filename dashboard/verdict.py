@@ -167,8 +167,8 @@ def answer_all(
 def _as_control(df: pd.DataFrame, n_experts: int) -> list[Answer]:
     """A scale-0 run perturbs nothing: its numbers are a baseline, not an answer."""
     answers = [wake(df, n_experts), divergence(df, n_experts), cascade(df, n_experts)]
-    level = answers[1].numbers
-    recent = [n.value for n in level if n.quantity == "recent divergence" and n.value is not None]
+    numbers = answers[1].numbers
+    recent = [n.value for n in numbers if n.quantity == "recent divergence" and n.value is not None]
     seen = f" (recent divergence {', '.join(f'{v:.4f}' for v in recent)})" if recent else ""
     why = (
         "This run is a scale-0 control: experts 1+ are exact clones of expert 0, so nothing "

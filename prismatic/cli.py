@@ -59,6 +59,14 @@ def _port(text: str) -> int:
     return value
 
 
+def _add_runs_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runs-dir",
+        default=DEFAULT_RUNS_DIR,
+        help=f"where run folders live (default: {DEFAULT_RUNS_DIR})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prismatic", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -78,11 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--collector", help=f"collector address (default: the config's, {DEFAULT_COLLECTOR})"
     )
-    train.add_argument(
-        "--runs-dir",
-        default=DEFAULT_RUNS_DIR,
-        help=f"where run folders live (default: {DEFAULT_RUNS_DIR})",
-    )
+    _add_runs_dir(train)
     train.add_argument(
         "--resume", action="store_true", help="continue this run from its last checkpoint"
     )
@@ -93,11 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_COLLECTOR,
         help=f"address to listen on (default: {DEFAULT_COLLECTOR})",
     )
-    collect.add_argument(
-        "--runs-dir",
-        default=DEFAULT_RUNS_DIR,
-        help=f"where run folders live (default: {DEFAULT_RUNS_DIR})",
-    )
+    _add_runs_dir(collect)
     collect.add_argument(
         "--stale-after",
         type=_positive_seconds,
@@ -124,11 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     dash = sub.add_parser("dashboard", help="serve the Streamlit dashboard")
-    dash.add_argument(
-        "--runs-dir",
-        default=DEFAULT_RUNS_DIR,
-        help=f"where run folders live (default: {DEFAULT_RUNS_DIR})",
-    )
+    _add_runs_dir(dash)
     dash.add_argument("--port", type=_port, default=8501, help="port to serve on (default: 8501)")
     dash.add_argument(
         "--address", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)"
@@ -142,11 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "configs", nargs="*", help="configs to train (default: the stack in configs/stack.yaml)"
     )
     up.add_argument("--steps", type=_positive_int, help="override train.steps for every run")
-    up.add_argument(
-        "--runs-dir",
-        default=DEFAULT_RUNS_DIR,
-        help=f"where run folders live (default: {DEFAULT_RUNS_DIR})",
-    )
+    _add_runs_dir(up)
     up.add_argument("--port", type=_port, default=8501, help="dashboard port (default: 8501)")
     up.add_argument(
         "--collector-port", type=_port, default=5557, help="collector port (default: 5557)"
