@@ -118,12 +118,19 @@ def sidebar_compare() -> str:
 
 
 def open_runs(
-    folder: Path, hashes: list[str], with_layers: bool = False, with_controls: bool = False
+    folder: Path,
+    hashes: list[str],
+    with_layers: bool = False,
+    with_controls: bool = False,
+    listed: list[data.RunInfo] | None = None,
 ) -> list[views.Opened]:
     """Fresh browser rows and cached rows for each opened run (re-read on every refresh);
-    `with_controls`: also each run's scale-0 control, for the verdict."""
+    `with_controls`: also each run's scale-0 control, for the verdict, looked for among
+    `listed` (the folder's runs, listed again when not given)."""
     cache = run_cache()
-    every = data.list_runs(folder) if with_controls else []
+    every: list[data.RunInfo] = []
+    if with_controls:
+        every = listed if listed is not None else data.list_runs(folder)
     opened = []
     for run_hash in hashes:
         info = data.read_run_info(folder / run_hash)
@@ -157,12 +164,21 @@ def view_options(view: str, runs: list[views.Opened]) -> dict:
     return {}
 
 
-def show_view(view: str, folder: Path, hashes: list[str], options: dict) -> None:
+def show_view(
+    view: str,
+    folder: Path,
+    hashes: list[str],
+    options: dict,
+    listed: list[data.RunInfo] | None = None,
+) -> None:
+    """`listed`: the folder's runs as the page just listed them; a live refresh, which has no
+    fresh list, lists them again (so a control started meanwhile is found)."""
     runs = open_runs(
         folder,
         hashes,
         with_layers=view in ("Layers", "Heatmap"),
         with_controls=view == "Dynamics",
+        listed=listed,
     )
     if view == "Compare":
         views.compare(runs, options["metric"])
@@ -205,11 +221,11 @@ def main() -> None:
 
 def page(folder: Path) -> str:
     """Draws the page; returns the view shown (for the timing log line)."""
-    problem = problems.diagnose_runs_dir(folder)
+    runs = data.list_runs(folder)  # once per page run: it opens every run's database
+    problem = problems.diagnose_runs_dir(folder, runs)
     if problem is not None:
         views.show_problem(problem)
         return "no data"
-    runs = data.list_runs(folder)
     choice = sidebar_runs(runs)
     view = view_picker()
     if view == RUN_BROWSER:
@@ -222,7 +238,7 @@ def page(folder: Path) -> str:
         if any(r.info.status == "live" for r in opened):
             live_view(view, folder, choice.opened, options)
         else:
-            show_view(view, folder, choice.opened, options)
+            show_view(view, folder, choice.opened, options, listed=runs)
     return view
 
 

@@ -30,7 +30,8 @@ class Problem:
     fix: str
 
 
-def diagnose_runs_dir(runs_dir: Path) -> Problem | None:
+def diagnose_runs_dir(runs_dir: Path, runs: list[RunInfo] | None = None) -> Problem | None:
+    """`runs`: the folder's runs when the caller has listed them already."""
     if not runs_dir.is_dir():
         return Problem(
             "no_runs_dir",
@@ -39,7 +40,7 @@ def diagnose_runs_dir(runs_dir: Path) -> Problem | None:
             "`prismatic train configs/default.yaml`), or point the dashboard at your runs "
             "with `prismatic dashboard --runs-dir DIR`.",
         )
-    if not list_runs(runs_dir):
+    if not (runs if runs is not None else list_runs(runs_dir)):
         return Problem(
             "no_runs",
             f"The runs folder `{runs_dir}` holds no run yet.",

@@ -79,6 +79,27 @@ def test_chart_is_drawn_with_a_log_y_axis_and_a_trace_per_expert_and_tier(known,
     assert np.allclose(bottom_1, [known_value("bottom_norm", 1, s) for s in KNOWN_STEPS])
 
 
+def test_a_page_run_lists_the_runs_folder_once(known, monkeypatch):
+    """Listing opens every run's database: the page, its problem check and the Dynamics view's
+    search for a control share one listing."""
+    from dashboard import data
+
+    calls = []
+    real = data.list_runs
+
+    def counted(folder):
+        calls.append(folder)
+        return real(folder)
+
+    monkeypatch.setattr(data, "list_runs", counted)
+    at = open_page(known, monkeypatch)
+    calls.clear()
+    at.run()  # a rerun of the Dynamics view, with the run opened
+    assert not at.exception, at.exception
+    assert dynamics_figure(at)
+    assert len(calls) == 1
+
+
 def test_empty_runs_folder_shows_the_no_data_help(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     runs.mkdir()
