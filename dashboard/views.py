@@ -195,23 +195,24 @@ def divergence(run: Opened) -> None:
 
 
 def routing(run: Opened) -> None:
-    if not _ready(run):
-        return
-    assert run.rows is not None
-    _title(run)
-    fig = figures.routing_figure(run.rows)
-    fig.update_layout(title={"text": "Routing weight per expert"})
-    chart(fig, f"routing_{run.info.run_hash}", f"{run.info.run_hash}-routing.csv")
+    _one_chart(run, figures.routing_figure, "Routing weight per expert", "routing")
 
 
 def loss(run: Opened) -> None:
+    _one_chart(run, figures.loss_figure, "Training and validation loss", "loss")
+
+
+def _one_chart(
+    run: Opened, make: Callable[[pd.DataFrame], go.Figure], title: str, name: str
+) -> None:
+    """A view of one chart: `make(rows)`, titled, with its CSV download `<hash>-<name>.csv`."""
     if not _ready(run):
         return
     assert run.rows is not None
     _title(run)
-    fig = figures.loss_figure(run.rows)
-    fig.update_layout(title={"text": "Training and validation loss"})
-    chart(fig, f"loss_{run.info.run_hash}", f"{run.info.run_hash}-loss.csv")
+    fig = make(run.rows)
+    fig.update_layout(title={"text": title})
+    chart(fig, f"{name}_{run.info.run_hash}", f"{run.info.run_hash}-{name}.csv")
 
 
 def layers(run: Opened, chosen: list[int] | None, tiers: list[str]) -> None:
