@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class ModelConfig:
     router_type: str = _spec("prismatic", choices=("prismatic", "dense"))
     num_experts: int = _spec(3, min=1, max=64)
     perturbation_scale: float = _spec(1.0, min=0.0)
-    sparsity: float = _spec(0.1, min=0.0, max=1.0)
+    sparsity: float = _spec(0.1, min_excl=0.0, max=1.0)
     perturbation_strategy: str = _spec(
         "dual_sided", choices=("dual_sided", "top_only", "bottom_only", "random")
     )
@@ -107,6 +108,56 @@ NON_EXPERIMENT_KEYS = (
 )
 
 
+# --- reading YAML ------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with two fixes for hand-written configs.
+
+    - `1e-3` is a number, as in YAML 1.2 and in Python; PyYAML follows YAML 1.1, which wants
+      `1.0e-3` and otherwise reads the text "1e-3" (so `lr: 1e-3` would fail as "not a number").
+    - A key written twice in one mapping is an error; PyYAML silently keeps the last one.
+    """
+
+    yaml_implicit_resolvers = {
+        first: list(resolvers)
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(
+                    f"{key_node.start_mark.name}: key {key!r} is written twice in one mapping "
+                    f"(lines {seen[key]} and {line}); keep one"
+                )
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+# Exponent without a dot (1e-3, 5E+4, -2e6): the forms YAML 1.1 reads as strings. After the
+# built-in resolvers, so plain integers stay integers.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str, name: str = "<text>") -> Any:
+    """YAML as a config file is meant: `1e-3` is a number, a repeated key is a ConfigError."""
+    loader = _Loader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _type_name(tp: Any) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
     args = typing.get_args(tp)
@@ -134,7 +185,8 @@ def _check_scalar(key: str, value: Any, tp: Any, rules: dict[str, Any]) -> Any:
     else:
         ok = isinstance(value, tp)
     if not ok:
-        raise ConfigError(f"{key}: {value!r} is not accepted; expected {accepted}")
+        shown = "an empty value (null)" if value is None else repr(value)
+        raise ConfigError(f"{key}: {shown} is not accepted; expected {accepted}")
     if "choices" in rules and value not in rules["choices"]:
         raise ConfigError(f"{key}: {value!r} is not accepted; expected {accepted}")
     too_low = ("min" in rules and value < rules["min"]) or (
@@ -162,7 +214,7 @@ def _describe(tp: Any, rules: dict[str, Any]) -> str:
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        where = prefix or "the config"
+        where = prefix.rstrip(".") or "the config"
         raise ConfigError(f"{where}: {data!r} is not accepted; expected a mapping of keys")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -182,6 +234,12 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 def _cross_check(cfg: ExperimentConfig) -> None:
     m = cfg.model
+    if m.router_type == "prismatic" and m.num_experts < 2:
+        raise ConfigError(
+            f"model.num_experts: {m.num_experts} is not accepted for router_type prismatic; "
+            "expected 2 or more (expert 0 stays clean, the others are perturbed); for a model "
+            "without experts use router_type: dense"
+        )
     if m.d_model % m.n_heads:
         raise ConfigError(
             f"model.n_heads: {m.n_heads} is not accepted; "
@@ -229,7 +287,7 @@ def parse_override(text: str) -> tuple[str, Any]:
             f"--set: {text!r} is not accepted; expected KEY=VALUE, e.g. train.steps=200"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, "--set") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -255,7 +313,7 @@ def load_config_data(path: str | Path | None) -> dict[str, Any]:
             f"config: {str(p)!r} is not a file; pass a YAML file such as configs/default.yaml"
         )
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"), str(p))
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"config: {str(p)!r} is not valid YAML ({first})") from exc

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from prismatic.config import load_config, run_hash
+from prismatic.config import load_config, load_yaml, run_hash
 from prismatic.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,11 @@ def load_stack(path: str | Path = STACK_FILE) -> dict[str, Path]:
     stack_path = resolve_path(path)
     if not stack_path.is_file():
         raise ConfigError(f"stack: {str(path)!r} is not a file; pass configs to `prismatic up`")
-    data = yaml.safe_load(stack_path.read_text(encoding="utf-8")) or {}
+    try:
+        data = load_yaml(stack_path.read_text(encoding="utf-8"), str(stack_path)) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"stack: {str(stack_path)!r} is not valid YAML ({first})") from exc
     trainers = data.get("trainers") if isinstance(data, dict) else None
     if not isinstance(trainers, dict) or not trainers:
         raise ConfigError(f"stack: {stack_path} needs a non-empty `trainers:` map of name: config")

@@ -64,12 +64,56 @@ def test_overrides_are_parsed_as_yaml_values():
         ("model.n_heads=3", "model.n_heads: 3 is not accepted; it must divide model.d_model"),
         ("dynamics.collector=localhost", "dynamics.collector: 'localhost' is not accepted"),
         ("stepz", "--set: 'stepz' is not accepted; expected KEY=VALUE"),
+        ("model.sparsity=0", "model.sparsity: 0.0 is not accepted; expected a number > 0.0"),
+        ("model.num_experts=1", "model.num_experts: 1 is not accepted for router_type prismatic"),
+        ("model=[1, 2]", "model: [1, 2] is not accepted; expected a mapping of keys"),
+        ("name=", "name: an empty value (null) is not accepted; expected a string"),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_accepted(override, expected):
     with pytest.raises(ConfigError) as info:
         load_config(DEFAULT, [override])
     assert str(info.value).startswith(expected)
+
+
+def test_a_dense_model_may_have_one_expert():
+    assert load_config(DEFAULT, ["model.router_type=dense", "model.num_experts=1"])
+
+
+@pytest.mark.parametrize(
+    ("written", "value"),
+    [("1e-3", 1e-3), ("5E+4", 5e4), ("+2e-5", 2e-5), ("3.0e-4", 3e-4), ("0.001", 1e-3)],
+)
+def test_numbers_with_an_exponent_are_numbers_in_files_and_overrides(tmp_path, written, value):
+    """PyYAML alone reads `1e-3` (no dot, YAML 1.1) as the text "1e-3"."""
+    path = tmp_path / "lr.yaml"
+    path.write_text(f"train:\n  lr: {written}\n")
+    assert load_config(path).train.lr == value
+    assert load_config(
+        DEFAULT, [f"train.weight_decay={written.lstrip('-')}"]
+    ).train.weight_decay == (abs(value))
+
+
+def test_integers_and_quoted_text_keep_their_types():
+    from prismatic.config import load_yaml
+
+    assert load_yaml("a: 10\nb: 1_000\nc: '1e-3'\nd: 0x10\ne: -2e-5") == {
+        "a": 10,
+        "b": 1000,
+        "c": "1e-3",
+        "d": 16,
+        "e": -2e-5,
+    }
+
+
+def test_a_key_written_twice_names_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  steps: 5\n  lr: 2e-3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: key 'lr' is written twice in one mapping (lines 2 and 4); keep one"
+    )
 
 
 def test_unknown_top_level_key_in_a_file(tmp_path):
