@@ -22,7 +22,8 @@ from trainer_support import (
 )
 
 from prismatic.config import run_hash
-from trainer.loop import CHECKPOINT_NAME, Trainer
+from prismatic.errors import ConfigError
+from trainer.loop import CHECKPOINT_NAME, Trainer, usable_device
 from trainer.progress import Progress
 
 
@@ -246,3 +247,17 @@ def test_plain_progress_is_throttled():
     assert len(lines) == 2  # the first step and the forced last one
     assert lines[0].endswith("tok/s - eta -")  # nothing timed yet: no speed, no 0
     assert lines[-1].startswith("step 1000/1000")
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("banana", "train.device: 'banana' is not accepted; expected a torch device such as cpu"),
+        ("cuda:99", "train.device: 'cuda:99' is not available on this machine"),
+    ],
+)
+def test_an_unusable_device_is_one_config_error_naming_it(name, says):
+    with pytest.raises(ConfigError) as info:
+        usable_device(name)
+    assert str(info.value).startswith(says)
+    assert usable_device("cpu") == torch.device("cpu")

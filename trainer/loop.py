@@ -88,6 +88,32 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # atomic: a crash mid-save never leaves a torn checkpoint
 
 
+def usable_device(name: str) -> torch.device:
+    """`train.device` as a torch.device this machine has; ConfigError naming it otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"train.device: {name!r} is not accepted; expected a torch device such as cpu, "
+            "cuda, cuda:1 or mps"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        missing = count == 0 or (device.index is not None and device.index >= count)
+        seen = f"torch {torch.__version__} sees {count} CUDA device(s)"
+    elif device.type == "mps":
+        missing = not torch.backends.mps.is_available()
+        seen = f"torch {torch.__version__} sees no Apple MPS device"
+    else:
+        missing = False
+    if missing:
+        raise ConfigError(
+            f"train.device: {name!r} is not available on this machine ({seen}); use cpu, or "
+            "install a torch build for your GPU (see README)"
+        )
+    return device
+
+
 class StopRequest:
     """Ctrl-C or SIGTERM asks the run to stop at the end of the current step: a checkpoint,
     then run_end "interrupted", and `--resume` repeats no step. A second signal stops at once.
@@ -148,7 +174,12 @@ class Trainer:
                 f"--resume: no checkpoint at {self.run_dir / CHECKPOINT_NAME}; start the run "
                 "without --resume (checkpoints are written every train.checkpoint_every steps)"
             )
-        self.device = torch.device(cfg.train.device)
+        self.device = usable_device(cfg.train.device)
+        if cfg.train.precision == "fp16" and self.device.type == "cpu":
+            log.warning(
+                "trainer: train.precision fp16 on the CPU is emulated and was about 20x slower "
+                "than fp32 here; bf16 or fp32 suit a CPU"
+            )
         if cfg.train.threads:
             # Several trainers on one machine: one thread each (oversubscription is ~10x slower).
             torch.set_num_threads(cfg.train.threads)
