@@ -27,7 +27,7 @@ class SchemaError(PrismaticError):
 
 
 class ProbeError(PrismaticError):
-    """The model holds no Prismatic layer, so there is nothing to probe."""
+    """Nothing can be probed: the model holds no Prismatic layer, or its reporter is closed."""
 
 
 class ExpertShapeError(PrismaticError, ValueError):

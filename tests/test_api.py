@@ -3,6 +3,7 @@ README itself, so the text and the tested code cannot drift apart)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 from trainer_support import MLP, REPO, Inbox, backward, dynamics_steps, tiny_net
 
+from prismatic.errors import ConfigError, ProbeError
 from trainer import DynamicsReporter, Prismatic, log_gradient_dynamics
 from trainer.api import hash_config
 
@@ -118,6 +120,56 @@ def test_reporter_publishes_nothing_when_gradients_are_missing(caplog):
         messages = inbox.receive()
     assert dynamics_steps(messages) == []
     assert sum("no gradients" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_closing_names_a_bad_status_and_a_second_close_sends_nothing():
+    net, x = tiny_net(layers=1)
+    with Inbox() as inbox:
+        reporter = DynamicsReporter(net, inbox.address, config={"name": "x"}, log_freq=1)
+        with pytest.raises(ConfigError, match="status: 'exploded' is not accepted; expected one"):
+            reporter.close("exploded")
+        reporter.close("interrupted")
+        reporter.close("completed")  # a no-op: the run already ended
+        messages = inbox.receive()
+        assert not inbox.socket.poll(300)  # and no second run_end after it
+    ends = [m for m in messages if m["kind"] == "run_end"]
+    assert [m["status"] for m in ends] == ["interrupted"]
+    backward(net, x)
+    with pytest.raises(ProbeError, match="is closed; make a new one"):
+        reporter.after_backward(1)
+
+
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [(None, "completed"), (KeyboardInterrupt, "interrupted"), (OSError, "failed")],
+)
+def test_as_a_context_manager_the_run_ends_with_how_the_block_ended(kind, status):
+    net, x = tiny_net(layers=1)
+    with Inbox() as inbox:
+        with contextlib.suppress(BaseException):
+            with DynamicsReporter(net, inbox.address, config={"name": "x"}, log_freq=1) as rep:
+                backward(net, x)
+                rep.after_backward(0)
+                if kind is not None:
+                    raise kind()
+        messages = inbox.receive()
+    assert dynamics_steps(messages) == [0]
+    assert messages[-1]["kind"] == "run_end" and messages[-1]["status"] == status
+
+
+@pytest.mark.parametrize(
+    ("address", "log_freq", "says"),
+    [
+        ("notanaddr", 10, "DynamicsReporter address: 'notanaddr' is not accepted; expected tcp://"),
+        ("tcp://127.0.0.1:99999", 10, "is not accepted; expected tcp://HOST:PORT (port 1..65535)"),
+        ("tcp://127.0.0.1:5557", 0, "log_freq: 0 is not accepted; expected an integer >= 1"),
+    ],
+)
+def test_a_bad_address_or_log_freq_is_named_before_anything_is_sent(address, log_freq, says):
+    net, _ = tiny_net(layers=1)
+    with pytest.raises(ConfigError) as info:
+        DynamicsReporter(net, address, config={"name": "x"}, log_freq=log_freq)
+    assert says in str(info.value)
 
 
 def test_the_public_names_come_from_the_trainer_package():

@@ -24,7 +24,8 @@ from torch import nn
 
 from prismatic import __version__, wire
 from prismatic.aggregate import note_dict
-from prismatic.config import RUN_HASH_LENGTH
+from prismatic.config import RUN_HASH_LENGTH, check_address
+from prismatic.errors import ConfigError, ProbeError
 from trainer.probe import GradientProbe, ProbeResult, find_prismatic_layers
 from trainer.publisher import Publisher
 
@@ -80,6 +81,9 @@ class DynamicsReporter:
     >>> reporter = DynamicsReporter(model, "tcp://127.0.0.1:5557", config={"name": "mine"})
     >>> # each step: loss.backward(); reporter.after_backward(step, loss=loss.item()); opt.step()
     >>> reporter.close("completed")
+
+    As a context manager it closes the run itself: "completed" when the block ends normally,
+    "interrupted" on Ctrl-C, "failed" on any other exception.
     """
 
     def __init__(
@@ -95,6 +99,10 @@ class DynamicsReporter:
         spool_path: Path | None = None,
         publisher: Publisher | None = None,
     ) -> None:
+        if publisher is None:
+            check_address("DynamicsReporter address", address)
+        if isinstance(log_freq, bool) or not isinstance(log_freq, int) or log_freq < 1:
+            raise ConfigError(f"log_freq: {log_freq!r} is not accepted; expected an integer >= 1")
         # Data-parallel ranks route different batches: average the routing weights over ranks
         # so every rank reports the same values (the gradients are already synchronised).
         self.probe = GradientProbe(model, average_routing_over_ranks=world_size > 1)
@@ -102,6 +110,7 @@ class DynamicsReporter:
         self.run_hash = run_hash or hash_config(config)
         self.publisher = publisher or Publisher(address, self.run_hash, rank, spool_path=spool_path)
         self.last_step = -1
+        self.closed = False
         self.publisher.send(
             wire.KIND_RUN_START,
             name=str(config.get("name", "")),
@@ -129,6 +138,10 @@ class DynamicsReporter:
         force: bool = False,
     ) -> ProbeResult | None:
         """Measure and publish if this step is due (or `force`); returns what was measured."""
+        if self.closed:
+            raise ProbeError(
+                f"DynamicsReporter of run {self.run_hash} is closed; make a new one to report again"
+            )
         if not (force or self.due(step)):
             return None
         result = self.probe.measure(step, loss_scale=loss_scale)
@@ -146,6 +159,13 @@ class DynamicsReporter:
         return result
 
     def close(self, status: str = "completed") -> None:
+        """End the run with `status` (completed, failed or interrupted); again is a no-op."""
+        if status not in wire.END_STATUSES:
+            accepted = ", ".join(wire.END_STATUSES)
+            raise ConfigError(f"status: {status!r} is not accepted; expected one of {accepted}")
+        if self.closed:
+            return
+        self.closed = True
         self.publisher.send(
             wire.KIND_RUN_END,
             status=status,
@@ -154,3 +174,14 @@ class DynamicsReporter:
             dropped=self.publisher.dropped,
         )
         self.publisher.close()
+
+    def __enter__(self) -> DynamicsReporter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is None:
+            self.close("completed")
+        elif issubclass(kind, KeyboardInterrupt):
+            self.close("interrupted")
+        else:
+            self.close("failed")
