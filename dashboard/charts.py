@@ -9,6 +9,7 @@ out and counted per series.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,9 +29,35 @@ PERTURBED_FAMILIES = [
     {"top": "#ffd27f", "bottom": "#e69500", "middle": "#7a4f00"},  # ambers
 ]
 PERTURBED_DASHES = ["dash", "dot", "dashdot", "longdash", "longdashdot"]
-# Log axes label 1, 2 and 5 of each decade: plotly's default labels every digit 1..9 once the
-# range spans about one decade, a column of numbers a newcomer found hard to read.
-LOG_AXIS = {"type": "log", "dtick": "D2"}
+# Log axes label 1, 2 and 5 of each decade (plotly's default labels every digit 1..9 once the
+# range spans about one decade, a column of numbers a newcomer found hard to read), each with its
+# whole value: plotly's own 1-2-5 ticks ("D2") label 0.2 and 0.5 as a bare "2" and "5".
+LOG_TICK_DIGITS = (1, 2, 5)
+LOG_TICKS_MAX_DECADES = 4  # wider ranges label only the powers of ten
+
+
+def log_axis(series: list) -> dict:
+    """A log y axis with labelled 1-2-5 ticks over the positive values of `series` (arrays)."""
+    positive = [np.asarray(y, dtype=float) for y in series if y is not None and len(y)]
+    values = np.concatenate(positive) if positive else np.empty(0)
+    values = values[np.isfinite(values) & (values > 0)]
+    if not len(values):
+        return {"type": "log"}
+    low = math.floor(math.log10(values.min()))
+    high = math.ceil(math.log10(values.max()))
+    digits = LOG_TICK_DIGITS if high - low <= LOG_TICKS_MAX_DECADES else (1,)
+    ticks = [d * 10.0**e for e in range(low, high + 1) for d in digits]
+    return {"type": "log", "tickvals": ticks, "ticktext": [_tick_label(t) for t in ticks]}
+
+
+def _tick_label(value: float) -> str:
+    """0.002, 0.5, 20, 5000; 2e-5 and 1e6 beyond (no exponent padding)."""
+    if 1e-3 <= value < 1e4:
+        return f"{value:.4f}".rstrip("0").rstrip(".")
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 LAYOUT = {
     "height": 520,
     "margin": {"l": 70, "r": 20, "t": 40, "b": 50},
@@ -121,7 +148,10 @@ def dynamics_figure(
                 traces.append(trace)
     layout = {
         **LAYOUT,
-        "yaxis": {**LOG_AXIS, "title": {"text": "gradient norm (log scale)"}},
+        "yaxis": {
+            **log_axis([t["y"] for t in traces]),
+            "title": {"text": "gradient norm (log scale)"},
+        },
         "xaxis": {"title": {"text": "training step"}},
     }
     # Built from dicts: plotly validates once here instead of trace by trace.

@@ -11,10 +11,10 @@ from plotly.subplots import make_subplots
 from dashboard import verdict
 from dashboard.charts import (
     LAYOUT,
-    LOG_AXIS,
     TIER_LABELS,
     TIERS,
     LeftOut,
+    log_axis,
     norm_trace,
     series_name,
     tier_colour,
@@ -57,7 +57,10 @@ def _figure(traces: list[dict], y_title: str, log_y: bool = False, **layout) -> 
         layout={
             **LAYOUT,
             "height": 420,
-            "yaxis": {**(LOG_AXIS if log_y else {"type": "linear"}), "title": {"text": y_title}},
+            "yaxis": {
+                **(log_axis([t["y"] for t in traces]) if log_y else {"type": "linear"}),
+                "title": {"text": y_title},
+            },
             "xaxis": {"title": {"text": "training step"}},
             **layout,
         },
@@ -133,6 +136,7 @@ def layers_figure(
     left_out = LeftOut()
     for row, layer in enumerate(chosen, 1):
         wide = layer_wide(layers, layer)
+        shown = []
         for expert in experts_in(wide):
             for tier in tiers:
                 trace, lost = norm_trace(wide, expert, tier)
@@ -148,7 +152,8 @@ def layers_figure(
                     meta=f"layer {layer}", hovertemplate=f"{name}: %{{y:.6g}}<extra></extra>"
                 )
                 fig.add_trace(trace, row=row, col=1)
-        fig.update_yaxes(**LOG_AXIS, title_text="grad norm", row=row, col=1)
+                shown.append(trace["y"])
+        fig.update_yaxes(**log_axis(shown), title_text="grad norm", row=row, col=1)
     fig.update_xaxes(title_text="training step", row=len(chosen), col=1)
     fig.update_layout(**{**LAYOUT, "height": max(360, 260 * len(chosen)), "hovermode": "closest"})
     return fig, left_out

@@ -65,7 +65,11 @@ def test_chart_is_drawn_with_a_log_y_axis_and_a_trace_per_expert_and_tier(known,
     at = open_page(known, monkeypatch)
     figure = dynamics_figure(at)
     assert figure["layout"]["yaxis"]["type"] == "log"
-    assert figure["layout"]["yaxis"]["dtick"] == "D2"  # 1, 2, 5 labelled per decade
+    # 1, 2 and 5 of each decade, each labelled with its whole value (0.2, not "2")
+    axis = figure["layout"]["yaxis"]
+    labels = dict(zip(values(axis["tickvals"]), axis["ticktext"], strict=True))
+    assert labels[0.2] == "0.2" and labels[0.5] == "0.5" and labels[1.0] == "1"
+    assert set(values(axis["tickvals"])) >= {0.1, 0.2, 0.5, 1.0, 2.0, 5.0}
     expected = [
         f"expert {e} ({'clean' if e == 0 else 'perturbed'}) {tier}"
         for e in range(3)

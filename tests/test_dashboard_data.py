@@ -197,3 +197,20 @@ def test_a_text_value_in_a_later_chunk_reads_every_row_the_general_way():
     out, n_read = data.frame_of(conn.execute("SELECT * FROM t ORDER BY step"), chunk_rows=8)
     assert n_read == 21 and list(out["step"]) == list(range(21))
     assert out["a"].iloc[20] == "oops" and float(out["a"].iloc[3]) == 3.0
+
+
+def test_log_ticks_are_1_2_5_per_decade_with_whole_labels_and_only_powers_when_wide():
+    import numpy as np
+
+    from dashboard.charts import log_axis
+
+    narrow = log_axis([np.array([0.03, 0.7]), np.array([np.nan, 0.0, 3.0])])
+    assert narrow["type"] == "log"
+    assert narrow["ticktext"][:6] == ["0.01", "0.02", "0.05", "0.1", "0.2", "0.5"]
+    assert len(narrow["tickvals"]) == len(narrow["ticktext"]) == 12  # 0.01 .. 50
+    wide = log_axis([np.array([2e-7, 30.0])])
+    assert wide["ticktext"] == ["1e-7", "1e-6", "1e-5", "1e-4", "0.001", "0.01", "0.1", "1"] + [
+        "10",
+        "100",
+    ]
+    assert log_axis([np.array([0.0, -1.0, np.nan])]) == {"type": "log"}  # nothing to place
