@@ -141,6 +141,9 @@ def open_runs(
         control = data.find_control(info, every) if with_controls else None
         if control is not None:
             label = f"{control.name or 'control'} {control.run_hash}"
+            differs = data.control_differences(info, control)
+            if differs:
+                label += f", run with {'; '.join(differs)}"
             run.control = verdict.Control(label, cache.rows(control.db_path))
         opened.append(run)
     return opened
@@ -177,7 +180,7 @@ def show_view(
         folder,
         hashes,
         with_layers=view in ("Layers", "Heatmap"),
-        with_controls=view == "Dynamics",
+        with_controls=view in ("Dynamics", "Divergence"),
         listed=listed,
     )
     if view == "Compare":

@@ -161,35 +161,55 @@ def read_run_info(path: Path, now: float | None = None) -> RunInfo:
     return info
 
 
-# What a run and its control may differ in: the perturbation itself, the name, the length.
-_NOT_COMPARED = {"model": ("perturbation_scale", "perturbation_strategy"), "train": ("steps",)}
+# What a run and its control may differ in: the perturbation itself, the name, the length, and
+# evaluation and checkpoint bookkeeping.
+_NOT_COMPARED: dict[str, tuple[str, ...]] = {
+    "model": ("perturbation_scale", "perturbation_strategy"),
+    "train": ("steps", "eval_every", "eval_batches", "checkpoint_every"),
+}
+# How a run is executed. A control that differs only here is taken when no exact one is among
+# the runs (a data-parallel run against the single-rank control, say), and the view says so.
+_EXECUTION: dict[str, tuple[str, ...]] = {"train": ("world_size", "grad_accum", "precision")}
 
 
-def _experiment(config: dict) -> dict:
-    """The parts of a config that a control must share with the run it controls."""
+def _experiment(config: dict, loose: bool = False) -> dict:
+    """The parts of a config that a control must share with the run it controls; `loose`:
+    without the execution keys."""
     out = {k: v for k, v in config.items() if k in ("seed", "model", "data", "train")}
-    for section, keys in _NOT_COMPARED.items():
-        if isinstance(out.get(section), dict):
-            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    left_out = [_NOT_COMPARED, _EXECUTION] if loose else [_NOT_COMPARED]
+    for keys_of in left_out:
+        for section, keys in keys_of.items():
+            if isinstance(out.get(section), dict):
+                out[section] = {k: v for k, v in out[section].items() if k not in keys}
     return out
 
 
 def find_control(run: RunInfo, runs: list[RunInfo]) -> RunInfo | None:
     """The scale-0 run of the same experiment (model, data, seed, training; any name or
-    length), the one with most steps logged; None if `run` is a control itself or has none."""
+    length), the one with most steps logged; failing that, one that differs only in how it was
+    executed (`control_differences`). None if `run` is a control itself or has none."""
     if run.is_control or not run.config:
         return None
-    mine = _experiment(run.config)
-    controls = [
-        r
-        for r in runs
-        if r.is_control
-        and r.run_hash != run.run_hash
-        and r.config
-        and r.steps
-        and _experiment(r.config) == mine
-    ]
-    return max(controls, key=lambda r: r.steps, default=None)
+    controls = [r for r in runs if r.is_control and r.run_hash != run.run_hash and r.config]
+    controls = [r for r in controls if r.steps]
+    for loose in (False, True):
+        mine = _experiment(run.config, loose)
+        matching = [r for r in controls if _experiment(r.config or {}, loose) == mine]
+        if matching:
+            return max(matching, key=lambda r: r.steps or 0)
+    return None
+
+
+def control_differences(run: RunInfo, control: RunInfo) -> list[str]:
+    """How `control` was executed otherwise than `run`, e.g. ["train.world_size 1, not 2"]."""
+    out = []
+    for section, keys in _EXECUTION.items():
+        mine = (run.config or {}).get(section) or {}
+        theirs = (control.config or {}).get(section) or {}
+        for key in keys:
+            if mine.get(key) != theirs.get(key):
+                out.append(f"{section}.{key} {theirs.get(key)}, not {mine.get(key)}")
+    return out
 
 
 def _first_number(*values: Any) -> float | None:

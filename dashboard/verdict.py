@@ -173,7 +173,8 @@ def _as_control(df: pd.DataFrame, n_experts: int) -> list[Answer]:
     why = (
         "This run is a scale-0 control: experts 1+ are exact clones of expert 0, so nothing "
         f"here is the perturbation's doing. Its divergence{seen} comes from routing and expert "
-        "dropout alone: the baseline perturbed runs of this experiment are judged against."
+        "dropout alone. It is the baseline against which the perturbed runs of this experiment "
+        "are judged."
     )
     return [Answer(a.question, "not applicable", why, a.numbers) for a in answers]
 

@@ -96,14 +96,18 @@ def header(run: Opened) -> None:
             "`outputs` or `topk` mixing to test divergence.",
             icon="⚠️",
         )
-    divergence_line(df, len(run.experts), run.control)
+    divergence_line(df, len(run.experts), run.control, info.is_control)
 
 
 def divergence_line(
-    df: pd.DataFrame, n_experts: int, control: verdict.Control | None = None
+    df: pd.DataFrame,
+    n_experts: int,
+    control: verdict.Control | None = None,
+    is_control: bool = False,
 ) -> None:
-    """Per perturbed expert: latest and recent-window mean divergence, coloured by threshold;
-    and the control's recent mean, the level routing and dropout alone reach."""
+    """Per perturbed expert: latest and recent-window mean divergence. Coloured by threshold
+    as they are; with a control, the excess over the control's recent mean is what is coloured,
+    as the verdict judges it; a control's own values are its baseline, left uncoloured."""
     perturbed = verdict.perturbed_experts(df, n_experts)
     if not perturbed:
         return
@@ -112,28 +116,46 @@ def divergence_line(
         values = df[expert_column(e, "divergence")].dropna()
         latest = float(values.iloc[-1]) if len(values) else None
         _, recent = verdict.windows(df, e, "divergence")
-        parts.append(
-            f"expert {e}: latest {_coloured(latest)}, recent mean {_coloured(recent)} "
-            f"({verdict.divergence_level(recent)})"
-        )
+        if is_control:
+            parts.append(f"expert {e}: latest {_plain(latest)}, recent mean {_plain(recent)}")
+        elif control is None:
+            parts.append(
+                f"expert {e}: latest {_coloured(latest)}, recent mean {_coloured(recent)} "
+                f"({verdict.divergence_level(recent)})"
+            )
+        else:
+            _, baseline = verdict.windows(control.rows, e, "divergence")
+            excess = recent - baseline if recent is not None and baseline is not None else None
+            parts.append(
+                f"expert {e}: latest {_plain(latest)}, recent mean {_plain(recent)}, control "
+                f"{_plain(baseline)}, above it {_coloured(excess, signed=True)} "
+                f"({verdict.divergence_level(excess)})"
+            )
     w = verdict.window_size(len(df))
-    baseline = ""
-    if control is not None:
-        means = [verdict.windows(control.rows, e, "divergence")[1] for e in perturbed]
-        shown = ", ".join("–" if m is None else f"{m:.4f}" for m in means)
-        baseline = f" · its scale-0 control ({control.label}), recent mean: {shown}"
+    if is_control:
+        judged = "this scale-0 control's values are the baseline its perturbed runs are judged by"
+    elif control is None:
+        judged = f"> {verdict.MEANINGFUL} meaningful, < {verdict.CONVERGING} converging"
+    else:
+        judged = (
+            f"judged above its scale-0 control ({control.label}): > {verdict.MEANINGFUL} "
+            f"meaningful, < {verdict.CONVERGING} converging"
+        )
     st.markdown(
-        f"**Divergence** (1 − cosine to expert 0; recent = last {w} logged steps; "
-        f"> {verdict.MEANINGFUL} meaningful, < {verdict.CONVERGING} converging) — "
+        f"**Divergence** (1 − cosine to expert 0; recent = last {w} logged steps; {judged}) — "
         + " · ".join(parts)
-        + baseline
     )
 
 
-def _coloured(value: float | None) -> str:
+def _plain(value: float | None) -> str:
+    return "–" if value is None else f"**{value:.4f}**"
+
+
+def _coloured(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "–"
-    return f":{LEVEL_COLOURS[verdict.divergence_level(value)]}[**{value:.4f}**]"
+    shown = f"{value:+.4f}" if signed else f"{value:.4f}"
+    return f":{LEVEL_COLOURS[verdict.divergence_level(value)]}[**{shown}**]"
 
 
 def verdict_panel(run: Opened) -> None:
@@ -185,7 +207,7 @@ def divergence(run: Opened) -> None:
         return
     assert run.rows is not None
     _title(run)
-    divergence_line(run.rows, len(run.experts))
+    divergence_line(run.rows, len(run.experts), run.control, run.info.is_control)
     fig = figures.divergence_figure(run.rows)
     fig.update_layout(title={"text": "Divergence over time (linear axis)"})
     chart(fig, f"divergence_{run.info.run_hash}", f"{run.info.run_hash}-divergence.csv")

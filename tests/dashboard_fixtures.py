@@ -136,14 +136,19 @@ def write_run(
     layers: int = 2,
     experts: int = 3,
     batch: int = 5000,
+    train: dict | None = None,
 ) -> Path:
-    """A run folder `<runs_dir>/<run_hash>/dynamics.db` written through RunStore."""
+    """A run folder `<runs_dir>/<run_hash>/dynamics.db` written through RunStore; `train`: the
+    config's train section."""
     run_dir = runs_dir / run_hash
     store = RunStore(run_dir)
     now = time.time() if last_seen is None else last_seen
+    config = run_config(name, scale, strategy, sparsity, mixing)
+    if train is not None:
+        config["train"] = train
     store.update_run(
         name=name,
-        config=run_config(name, scale, strategy, sparsity, mixing),
+        config=config,
         model={"layers": layers, "experts": experts, "mixing": mixing},
         mixing=mixing,
         status=status,

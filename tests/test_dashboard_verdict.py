@@ -11,6 +11,8 @@ last quarter of them (10 steps each: 0..90 and 300..390, mean steps 45 and 345).
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import pytest
 from dashboard_fixtures import (
@@ -187,5 +189,59 @@ def test_divergence_above_a_control_that_never_diverged_is_the_run_own(tmp_path,
         assert shown[(QUESTION_2, e, "divergence above control")] == pytest.approx(recent)
     assert "[mixed]" in verdict_of(at, QUESTION_2)  # expert 1 meaningful, expert 2 weak
     header = texts(at.markdown)
-    assert "its scale-0 control (control c0c0c0c0c), recent mean: 0.0000, 0.0000" in header
+    assert "judged above its scale-0 control (control c0c0c0c0c)" in header
+    # The header colours what the verdict judges: the excess over the control.
+    assert "expert 1: latest **0.1610**, recent mean **0.1655**, control **0.0000**, above it " in (
+        header
+    )
+    assert "above it :green[**+0.1655**] (meaningful)" in header
+    assert "above it :orange[**+0.0369**] (weak)" in header
     assert "[sustained]" in verdict_of(at, QUESTION_3)
+
+
+def test_the_header_colours_the_excess_over_the_control_not_the_raw_divergence(
+    tmp_path, monkeypatch
+):
+    """A newcomer saw a green "meaningful" header over a verdict of "converging": the control's
+    clones diverged as much as the perturbed experts."""
+    runs = tmp_path / "runs"
+    write_run(runs, CONTROL, known_rows(), name="control", scale=0.0, last_seen=1_000.0)
+    write_run(runs, RUN, known_rows(), last_seen=2_000.0)
+    header = texts(page(runs, monkeypatch).markdown)
+    assert "above it :red[**+0.0000**] (converging)" in header
+    assert ":green[" not in header.split("**Divergence**")[1].split("\n")[0]
+
+
+def test_the_control_header_is_its_baseline_uncoloured(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    write_run(runs, RUN, known_rows(), last_seen=1_000.0)
+    write_run(runs, CONTROL, known_rows(), name="control", scale=0.0, last_seen=2_000.0)
+    at = page(runs, monkeypatch)
+    line = next(m.value for m in at.markdown if m.value.startswith("**Divergence**"))
+    assert "the baseline its perturbed runs are judged by" in line
+    assert "expert 1: latest **0.1610**, recent mean **0.1655**" in line
+    assert ":green[" not in line and ":red[" not in line
+    assert "It is the baseline against which the perturbed runs" in verdict_of(at, QUESTION_2)
+
+
+def test_a_control_run_otherwise_is_taken_when_no_exact_one_exists_and_named(tmp_path, monkeypatch):
+    """The stack trains a two-rank baseline and one single-rank control."""
+    from dashboard import data
+
+    runs = tmp_path / "runs"
+    one_rank = {"world_size": 1, "batch_size": 16}
+    two_ranks = {"world_size": 2, "batch_size": 16}
+    write_run(runs, CONTROL, known_rows(), name="control", scale=0.0, train=one_rank)
+    write_run(runs, RUN, known_rows(), train=two_ranks, last_seen=time.time() + 60)
+    infos = {i.run_hash: i for i in data.list_runs(runs)}
+    assert data.find_control(infos[RUN], list(infos.values())).run_hash == CONTROL
+    assert data.control_differences(infos[RUN], infos[CONTROL]) == ["train.world_size 1, not 2"]
+    answer = verdict_of(page(runs, monkeypatch), QUESTION_2)
+    assert "(control c0c0c0c0c, run with train.world_size 1, not 2)" in answer
+    # An exact control wins over one run otherwise; one that trains otherwise is no control.
+    write_run(runs, "c1c1c1c1c", known_rows(), name="exact", scale=0.0, train=two_ranks)
+    write_run(runs, "c2c2c2c2c", known_rows(), name="other", scale=0.0, train={"world_size": 2})
+    infos = {i.run_hash: i for i in data.list_runs(runs)}
+    assert data.find_control(infos[RUN], list(infos.values())).run_hash == "c1c1c1c1c"
+    del infos["c1c1c1c1c"], infos[CONTROL]
+    assert data.find_control(infos[RUN], list(infos.values())) is None
