@@ -60,6 +60,11 @@ def sidebar_runs(runs: list[data.RunInfo]) -> RunChoice:
     shown = data.sort_runs(data.filter_runs(runs, text, statuses), sort_key, descending)
     by_hash = {r.run_hash: r for r in runs}
     linked = st.query_params.get_all("run")  # ?run=HASH&run=HASH opens those runs
+    unknown = [h for h in linked if h not in by_hash]
+    if unknown:
+        instead = "the others" if len(unknown) < len(linked) else "the newest run instead"
+        names = ", ".join(f"`{h}`" for h in unknown)
+        st.warning(f"No run {names} in `{runs_dir()}` (asked for by `?run=`); opened {instead}.")
     default = [h for h in linked if h in by_hash] or [r.run_hash for r in default_runs(runs)]
     default = [h for h in default if by_hash[h] in shown]
     opened = side.multiselect(

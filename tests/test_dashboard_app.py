@@ -104,6 +104,19 @@ def test_a_page_run_lists_the_runs_folder_once(known, monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_linked_run_that_does_not_exist_is_named_and_the_newest_opened(known, monkeypatch):
+    monkeypatch.setenv(RUNS_DIR_ENV, str(known))
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.query_params["run"] = "zzzzzzzzz"
+    at.run()
+    assert not at.exception, at.exception
+    [warning] = [w.value for w in at.warning if "zzzzzzzzz" in w.value]
+    assert warning == (
+        f"No run `zzzzzzzzz` in `{known}` (asked for by `?run=`); opened the newest run instead."
+    )
+    assert at.multiselect(key="open_runs").value == [RUN_A]
+
+
 def test_empty_runs_folder_shows_the_no_data_help(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     runs.mkdir()
