@@ -194,6 +194,11 @@ def _usable_dir(flag: str, path: str) -> Path:
     return folder
 
 
+# `prismatic train`'s exit status per run_end status: a stopped run (Ctrl-C, SIGTERM) exits as
+# a shell expects of an interrupted command, after its checkpoint.
+EXIT_CODES = {"completed": 0, "failed": 1, "interrupted": 130}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from prismatic.config import check_address, load_config
     from trainer.loop import train
@@ -203,7 +208,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_address("--collector", args.collector)
     runs_dir = _usable_dir("--runs-dir", args.runs_dir)
     status = train(cfg, runs_dir, args.collector, resume=args.resume)
-    return 0 if status == "completed" else 1
+    return EXIT_CODES[status]
 
 
 def cmd_collect(args: argparse.Namespace) -> int:

@@ -267,6 +267,7 @@ def _run(
         dashboard.signal(signal.SIGTERM)
         dashboard.wait(DASHBOARD_STOP_S)
     print(f"runs in {runs_dir}: " + ", ".join(s.label for s in specs), flush=True)
+    print(f"to look at them: prismatic dashboard --runs-dir {runs_dir}", flush=True)
     if stopper.event.is_set():
         return 128 + stopper.signum
     if collector_code != 0:

@@ -45,6 +45,26 @@ def test_default_yaml_matches_the_documented_defaults():
     assert cfg == ExperimentConfig()
 
 
+def test_default_yaml_names_every_key_there_is():
+    """The README sends newcomers to configs/default.yaml for the keys: it must hold them all."""
+    import dataclasses
+
+    import yaml
+
+    written = yaml.safe_load(DEFAULT.read_text())
+
+    def keys(cls, data, prefix=""):
+        out = []
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory if callable(f.default_factory) else None):
+                out += keys(f.default_factory, data.get(f.name) or {}, f"{prefix}{f.name}.")
+            elif f.name not in data:
+                out.append(f"{prefix}{f.name}")
+        return out
+
+    assert keys(ExperimentConfig, written) == []
+
+
 def test_overrides_are_parsed_as_yaml_values():
     cfg = load_config(DEFAULT, ["train.steps=200", "model.perturbation_scale=0"])
     assert cfg.train.steps == 200

@@ -147,7 +147,7 @@ def test_interrupted_run_resumes_with_the_same_hash_and_no_duplicate_steps(tmp_p
     wait_for_records(run_dir, 12, first)
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=120)
-    assert first.returncode == 1, err  # interrupted, not completed
+    assert first.returncode == 130, err  # interrupted (as by Ctrl-C), not completed
     assert "stopping after this step" in err
     stopped_at = checkpoint_step(run_dir)
     assert 11 <= stopped_at < 59
