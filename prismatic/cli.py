@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--collector-port", type=_port, default=5557, help="collector port (default: 5557)"
     )
+    up.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each run that has a checkpoint from it (the others start at step 0)",
+    )
     up.add_argument("--no-dashboard", action="store_true", help="start no dashboard")
     up.add_argument(
         "--keep-dashboard",

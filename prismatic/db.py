@@ -20,6 +20,7 @@ from prismatic.wire import EXPERT_METRICS, MAX_EXPERTS
 
 DB_NAME = "dynamics.db"
 CONFIG_NAME = "config.yaml"
+CHECKPOINT_NAME = "checkpoint.pt"  # written by the trainer, next to the run's dynamics.db
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 8 * 1024 * 1024
 # The collector's page cache per open run. SQLite's default (2 MB) fills as a run's database

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from prismatic import db
 from prismatic.config import load_config, load_yaml, run_hash
 from prismatic.errors import ConfigError
 
@@ -93,15 +94,21 @@ def _prismatic(*args: str) -> list[str]:
 
 
 def trainer_command(
-    spec: TrainerSpec, address: str, runs_dir: str, overrides: list[str]
+    spec: TrainerSpec, address: str, runs_dir: str, overrides: list[str], resume: bool = False
 ) -> list[str]:
     train_args = ["train", str(spec.config), "--collector", address, "--runs-dir", runs_dir]
     train_args += [a for o in overrides for a in ("--set", o)]
+    if resume:
+        train_args.append("--resume")
     if spec.world_size == 1:
         return _prismatic(*train_args)
     # --standalone: a private rendezvous on a free port, so several torchrun runs can coexist.
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     return [*launcher, "--nproc_per_node", str(spec.world_size), "-m", "prismatic.cli", *train_args]
+
+
+def has_checkpoint(runs_dir: str, spec: TrainerSpec) -> bool:
+    return (Path(runs_dir) / spec.run_hash / db.CHECKPOINT_NAME).is_file()
 
 
 def _env(spec: TrainerSpec) -> dict[str, str]:
@@ -244,10 +251,13 @@ def _run(
         dashboard = Child("dashboard", _prismatic(*dash_args), quiet=True)
         children.append(dashboard)
         print(f"dashboard: http://127.0.0.1:{args.port}", flush=True)
-    trainers = [
-        Child(spec.label, trainer_command(spec, address, runs_dir, overrides), env=_env(spec))
-        for spec in specs
-    ]
+    trainers = []
+    for spec in specs:
+        resume = args.resume and has_checkpoint(runs_dir, spec)
+        if args.resume and not resume:
+            print(f"[{spec.label}] no checkpoint to resume from: starting at step 0", flush=True)
+        command = trainer_command(spec, address, runs_dir, overrides, resume)
+        trainers.append(Child(spec.label, command, env=_env(spec)))
     children.extend(trainers)
     trainers_code = _wait_for_trainers(trainers, stopper.event)
 

@@ -84,6 +84,38 @@ def test_trainer_command_uses_torchrun_with_one_process_per_rank():
     assert ddp[5] == "2" and ddp[6:9] == ["-m", "prismatic.cli", "train"]
 
 
+def test_up_resume_continues_the_runs_that_have_a_checkpoint_and_starts_the_others(tmp_path):
+    runs = tmp_path / "runs"
+    steps = ["--steps", "4", "--runs-dir", str(runs), "--no-dashboard"]
+    sets = [a for o in [*TINY, "train.checkpoint_every=2"] for a in ("--set", o)]
+
+    def up(*configs: str, resume: bool = False) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "prismatic.cli", "up", *configs, *steps, *sets]
+        argv += ["--collector-port", str(free_port())] + (["--resume"] if resume else [])
+        return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    first = up("configs/default.yaml")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    again = up("configs/default.yaml", "configs/control-scale0.yaml", resume=True)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    overrides = [*TINY, "train.checkpoint_every=2", "train.steps=4"]
+    done, fresh = (
+        run_hash(load_config(REPO / c, overrides))
+        for c in ("configs/default.yaml", "configs/control-scale0.yaml")
+    )
+    assert f"control-scale0 {fresh}] no checkpoint to resume from: starting at step 0" in (
+        again.stdout
+    )
+    assert "already has a checkpoint" not in again.stdout + again.stderr  # resumed, not redone
+    for run in (done, fresh):
+        assert [r[0] for r in read_db(runs / run / "dynamics.db", "SELECT step FROM dynamics")] == [
+            0,
+            1,
+            2,
+            3,
+        ]
+
+
 def test_a_bare_up_plans_the_stack_and_overrides_reach_every_run():
     specs = plan_trainers([], ["train.steps=7"])
     assert [s.config for s in specs] == list(load_stack().values())

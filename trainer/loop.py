@@ -32,7 +32,7 @@ from trainer.progress import Progress
 from trainer.publisher import Publisher
 
 log = logging.getLogger(__name__)
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = db.CHECKPOINT_NAME
 
 
 @dataclass
