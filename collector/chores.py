@@ -85,13 +85,18 @@ class Chores:
         self.rows_at_stats = c.stats.rows_written
         live = sum(1 for s in c._runs.values() if s.status == "live")
         log.info(
-            "collector: %.0f msg/s, %.0f rows/s, %d rows written, rejected %s, nonfinite %d, "
+            "collector: %s msg/s, %s rows/s, %d rows written, rejected %s, nonfinite %d, "
             "%d live runs, %d open databases",
-            rate,
-            rows,
+            _rate(rate),
+            _rate(rows),
             c.stats.rows_written,
             dict(c.stats.rejected) or "none",
             c.stats.nonfinite_values,
             live,
             len(c._stores),
         )
+
+
+def _rate(per_s: float) -> str:
+    """Two significant digits below 10 (a trainer at log_freq 10 sends 0.1 msg/s), whole above."""
+    return f"{per_s:.2g}" if per_s < 10 else f"{per_s:.0f}"

@@ -108,6 +108,11 @@ def replay_dirs(run_dirs: list[Path], runs_dir: Path) -> None:
     from collector.service import Collector
 
     for run_dir in run_dirs:
+        if not run_dir.is_dir():
+            raise ConfigError(
+                f"--replay: {str(run_dir)!r} is not a folder; pass a run folder such as "
+                "build/runs/<hash>"
+            )
         if not (run_dir / SPOOL_DIR).is_dir():
             raise ConfigError(
                 f"--replay: {str(run_dir)!r} has no spool/ folder; pass a run folder "

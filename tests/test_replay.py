@@ -199,6 +199,17 @@ def test_replaying_a_run_folder_twice_stores_each_step_once(tmp_path):
     }
 
 
+def test_replay_names_a_folder_that_is_missing_or_holds_no_spool(tmp_path):
+    from collector.replay import replay_dirs
+    from prismatic.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--replay: '.*nope' is not a folder; pass a run folder"):
+        replay_dirs([tmp_path / "nope"], tmp_path / "runs")
+    with pytest.raises(ConfigError, match=r"--replay: '.*empty' has no spool/ folder"):
+        (tmp_path / "empty").mkdir()
+        replay_dirs([tmp_path / "empty"], tmp_path / "runs")
+
+
 def test_a_gap_in_live_messages_is_filled_from_the_spool(tmp_path):
     address = free_address()
     pub = publisher(tmp_path, address=address, send_hwm=1, linger_ms=2000)
