@@ -153,6 +153,15 @@ class SpoolWatch:
             why,
         )
 
+    def replay_unread(self, run_dir: Path) -> int:
+        """Replay what this runs folder has not ingested yet of every spool file in `run_dir`:
+        from its saved cursor when the run's database backs it, else from the start. Returns
+        the messages read."""
+        before = self.replayed
+        for path in sorted((run_dir / SPOOL_DIR).glob("rank*.msgpack")):
+            self._replay(path, self._cursor(path), "--replay")
+        return self.replayed - before
+
     def scan(self) -> None:
         """Replay the unread tail of every spool file in the runs folder that stopped growing."""
         now = time.time()

@@ -120,6 +120,6 @@ def replay_dirs(run_dirs: list[Path], runs_dir: Path) -> None:
             )
     collector = Collector(runs_dir=runs_dir)
     for run_dir in run_dirs:
-        count = replay_into(collector, run_dir)
+        count = collector.spools.replay_unread(run_dir)
         print(f"replayed {count} messages from {run_dir}", flush=True)
     collector.shutdown()

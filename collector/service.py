@@ -209,6 +209,9 @@ class Collector:
         committed = self.buffered_rows == 0
         for run_hash in list(self._stores):
             self._close_store(run_hash)
+        if committed:
+            # Where each spool was read to: a restarted collector or `--replay` starts there.
+            self.spools.save_committed(force=True)
         if not committed:
             log.error("collector: could not commit %d rows; they are lost", self.buffered_rows)
         log.info(

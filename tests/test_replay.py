@@ -210,6 +210,38 @@ def test_replay_names_a_folder_that_is_missing_or_holds_no_spool(tmp_path):
         replay_dirs([tmp_path / "empty"], tmp_path / "runs")
 
 
+def test_replay_reads_only_what_the_runs_folder_has_not_stored_yet(tmp_path):
+    """`prismatic up` replays every spool once its collector stopped: messages the collector
+    already stored are not read (nor counted) again; more sent later are."""
+    from collector.replay import replay_dirs
+
+    runs = tmp_path / "runs"
+
+    def counted() -> int:
+        conn = sqlite3.connect(runs / RUN / "dynamics.db")
+        try:
+            return conn.execute("SELECT messages FROM run").fetchone()[0]
+        finally:
+            conn.close()
+
+    with publisher(runs) as pub:
+        send_start(pub)
+        send_steps(pub, range(5))
+        replay_dirs([runs / RUN], runs)
+        assert counted() == 6
+        replay_dirs([runs / RUN], runs)  # nothing new
+        assert counted() == 6
+        send_steps(pub, range(5, 8))
+        send_end(pub)
+    replay_dirs([runs / RUN], runs)
+    assert counted() == 10
+    assert stored(runs)["steps"] == list(range(8))
+    # Without the database a saved cursor vouches for nothing: the spool is read again.
+    (runs / RUN / "dynamics.db").rename(tmp_path / "moved.db")
+    replay_dirs([runs / RUN], runs)
+    assert counted() == 10 and stored(runs)["steps"] == list(range(8))
+
+
 def test_a_gap_in_live_messages_is_filled_from_the_spool(tmp_path):
     address = free_address()
     pub = publisher(tmp_path, address=address, send_hwm=1, linger_ms=2000)
