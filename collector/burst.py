@@ -1,21 +1,33 @@
-"""A burst of messages received together, checked and averaged together with numpy.
+"""A burst of messages received together, decoded, checked and averaged together with numpy.
 
-The per-message work of the common case (a trainer's plainly valid tables: floats and None,
-finite, non-negative, zero counts) is done once per burst for every message of one metric set
-and shape: the check of `wire._plainly_valid`, the layer means of `aggregate.mean_over_layers`
-and the `layer_dynamics` parameters of `RunStore._write_layers`. A group that is not plainly
-valid as a whole goes message by message through `wire.validate_metrics`, exactly as before,
-so every rejection reason, cleaned value and NaN/Inf count stays the same.
+Two tiers, the first for the trainer's messages, each handing what it cannot take to the next:
+
+1. Bytes: a `dynamics` message's header is decoded and checked by msgspec (`_Header`: the types
+   and ranges of `wire.validate`), its `metrics` map left as bytes; maps encoded alike (the
+   same names, shapes and nulls, float64 values: collector/layout.py) are read into one numpy
+   array per burst, checked, layer-averaged and turned into `layer_dynamics` parameters there.
+   Anything else (another kind, an unknown field, a field msgspec refuses, a value that is not
+   plainly valid) goes to tier 2, which decodes it again from the start.
+2. Objects: msgpack's decoding and `wire.validate`, the tables of plainly valid messages (floats
+   and None, finite, non-negative, zero counts) checked per metric set and shape with numpy on
+   the decoded objects; a group that is not plainly valid as a whole goes message by message
+   through `wire.validate_metrics`, exactly as one message alone.
+
+Either way every message ends as `wire.decode` makes it, or with the ProtocolError it raises:
+every rejection reason, cleaned value and NaN/Inf count stays the same.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import numpy as np
 
+from collector.layout import Layout, LayoutCache, layout_of
 from collector.store import CELLS_PER_STATEMENT, LayerRows, layer_cells_sql
 from prismatic import wire
 from prismatic.errors import ProtocolError
@@ -30,7 +42,32 @@ SMALL = 8  # a failing group this small is checked message by message
 # (about 0.1 ms) outweighs what it saves below 4 (measured: 1 message 118 us in a group of its
 # own, 45 us alone; 4 messages 40 us each).
 FEWEST = 4
+LAYOUT_TRIES = 4  # new layouts made per group of a burst at most (a sender of odd encodings)
 Decoded = tuple[dict[str, Any], "Prepared | None"] | ProtocolError
+_U63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class _Header(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A `dynamics` message as `wire.validate` accepts it, the metrics map still encoded. Each
+    field takes exactly what wire.py takes (msgspec refuses bool for int, and a float for int);
+    a message this refuses, or one with any other field, is decoded by tier 2 instead."""
+
+    v: Literal[1]
+    kind: Literal["dynamics"]
+    run: Annotated[str, msgspec.Meta(pattern=wire.RUN_HASH_RE.pattern)]
+    rank: Annotated[int, msgspec.Meta(ge=0, le=wire.MAX_RANK)]
+    seq: _U63
+    step: Annotated[int, msgspec.Meta(ge=0, le=wire.MAX_STEP)]
+    metrics: msgspec.Raw
+    ts: Annotated[float, msgspec.Meta(ge=wire.MIN_TS, le=wire.MAX_TS)] | None = None
+    spool_offset: _U63 | None = None
+    loss: float | None = None
+    val_loss: float | None = None
+    lr: float | None = None
+
+
+_HEADER = msgspec.msgpack.Decoder(_Header)
+LAYOUTS = LayoutCache()
 
 
 @dataclass
@@ -66,7 +103,117 @@ class Burst:
 
 def decode_burst(datas: list[bytes]) -> list[Decoded]:
     """Each message as `wire.decode` makes it (or the ProtocolError it raises), with the
-    Prepared row parts of those checked in the fast path."""
+    Prepared row parts of those checked in a fast path."""
+    out: list[Decoded | None] = [None] * len(datas)
+    by_size: dict[int, list[tuple[int, _Header]]] = {}
+    for i, data in enumerate(datas):
+        header = _header(data)
+        if header is not None:
+            by_size.setdefault(len(header.metrics), []).append((i, header))
+    for group in by_size.values():
+        if len(group) >= FEWEST:
+            _decode_tables(group, out)
+    rest = [i for i, result in enumerate(out) if result is None]
+    for i, result in zip(rest, decode_objects([datas[i] for i in rest]), strict=True):
+        out[i] = result
+    return out  # type: ignore[return-value]  # every None was filled
+
+
+def _header(data: bytes) -> _Header | None:
+    if len(data) > wire.MAX_MESSAGE_BYTES:
+        return None
+    try:
+        return _HEADER.decode(data)
+    except Exception:  # refused, or anything msgspec finds odd: tier 2 says what is wrong
+        return None
+
+
+def _decode_tables(group: list[tuple[int, _Header]], out: list[Decoded | None]) -> None:
+    """Tier 1 for messages whose metrics maps have one size: each layout that some of them
+    have reads those at once. What no layout reads is left None in `out` (tier 2's)."""
+    rows = np.frombuffer(b"".join(h.metrics for _, h in group), dtype=np.uint8)
+    rows = rows.reshape(len(group), -1)  # (messages, bytes of a map)
+    todo = np.arange(len(group))
+    tries = 0
+    while len(todo) >= FEWEST:
+        found = LAYOUTS.match(rows[todo])
+        if found is None:
+            if tries == LAYOUT_TRIES:
+                return
+            tries += 1
+            layout = layout_of(bytes(group[todo[0]][1].metrics))
+            if layout is None:
+                todo = todo[1:]
+                continue
+            LAYOUTS.add(layout)
+            found = layout, layout.matches(rows[todo])
+        layout, matched = found
+        members = todo[matched]
+        _read(layout, [group[j] for j in members], rows[members], out)
+        todo = todo[~matched]
+
+
+def _read(
+    layout: Layout, group: list[tuple[int, _Header]], rows: np.ndarray, out: list[Decoded | None]
+) -> None:
+    """The messages of one layout: the plainly valid ones decoded into `out`, with their
+    layer means and layer_dynamics parameters; the others left for tier 2."""
+    floats = layout.floats(rows)
+    valid = layout.plainly_valid(floats)
+    if not valid.all():
+        group = [g for g, ok in zip(group, valid, strict=True) if ok]
+        floats = floats[valid]
+    if not group:
+        return
+    n = len(group)
+    values = np.full((n, int(np.prod(layout.shape))), np.nan)
+    values[:, layout.float_slots] = floats
+    table = values.reshape(n, *layout.shape)  # [message][name][layer][expert], nil as NaN
+    means = _layer_means(table, np.broadcast_to(layout.missing, table.shape), layout.names)
+    decoded = values.astype(object)  # one float object per value, None for nil
+    decoded[:, layout.nil_slots] = None
+    decoded = decoded.reshape(table.shape)
+    steps = [header.step for _, header in group]
+    rows_built = _layer_rows(steps, decoded, layout.names)
+    records: list[LayerRows | None] = list(rows_built) if rows_built else [None] * n
+    names = layout.names
+    for (i, header), tables, mean, record in zip(
+        group, decoded.tolist(), means, records, strict=True
+    ):
+        message = _message(header, dict(zip(names, tables, strict=True)))
+        out[i] = message, Prepared(dict(zip(names, mean, strict=True)), record)
+
+
+def _message(header: _Header, metrics: dict[str, list[list[float | None]]]) -> dict[str, Any]:
+    """The message `wire.validate` makes of this header and (valid) metrics."""
+    loss, val_loss, lr = header.loss, header.val_loss, header.lr
+    nonfinite = 0
+    if loss is not None and not math.isfinite(loss):
+        loss, nonfinite = None, nonfinite + 1
+    if val_loss is not None and not math.isfinite(val_loss):
+        val_loss, nonfinite = None, nonfinite + 1
+    if lr is not None and not math.isfinite(lr):
+        lr, nonfinite = None, nonfinite + 1
+    return {
+        "v": header.v,
+        "kind": header.kind,
+        "run": header.run,
+        "rank": header.rank,
+        "seq": header.seq,
+        "ts": header.ts,
+        "spool_offset": header.spool_offset,
+        "step": header.step,
+        "loss": loss,
+        "val_loss": val_loss,
+        "lr": lr,
+        "metrics": metrics,
+        "nonfinite_values": nonfinite,
+    }
+
+
+def decode_objects(datas: list[bytes]) -> list[Decoded]:
+    """Tier 2: each message as `wire.decode` makes it (or the ProtocolError it raises), with
+    the Prepared row parts of those checked in its fast path."""
     out: list[Decoded] = []
     groups: dict[Any, list[int]] = {}
     for data in datas:
