@@ -29,7 +29,7 @@ FLOAT64_MARKER = 0xCB
 MAX_LAYOUTS = 64  # kept per collector process (a run's maps have one or a few)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed as itself
 class Layout:
     """Where the values of one encoding of a metrics map lie in its bytes."""
 

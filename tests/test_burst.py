@@ -270,3 +270,27 @@ def test_bytes_changed_in_a_burst_decode_as_alone(changes: list[tuple[int, int, 
         else:
             data[where % len(data)] = what
     _assert_decodes_as_alone([bytes(d) for d in datas])
+
+
+def test_tier_1_rows_of_ranks_shards_and_wide_tables_store_what_single_messages_store(
+    tmp_path: Path,
+) -> None:
+    """Tier 1 leaves a message's tables as bytes until a rank merge or a table too wide for
+    the built records needs them as lists: stored rows are still those of one at a time."""
+    run_c = "c00000003"
+    messages = [run_start(RUN_A, world_size=2), run_start(RUN_B, world_size=2, shards=True)]
+    for step in range(0, 40, 2):
+        for rank in (0, 1):
+            messages.append(dynamics(RUN_A, step, rank=rank))
+            messages.append(dynamics(RUN_B, step, rank=rank))
+        messages.append(dynamics(run_c, step, metrics=metrics(step, layers=9, experts=32)))
+    datas = [wire.encode(m) for m in messages]
+    assert _assert_decodes_as_alone(datas) == len(datas) - 2  # all but the run_starts
+    one, many = Collector(runs_dir=tmp_path / "one"), Collector(runs_dir=tmp_path / "many")
+    _feed(one, copy.deepcopy(datas), in_bursts=False)
+    _feed(many, datas, in_bursts=True)
+    assert one.stats.rejected == many.stats.rejected == {}
+    for run in (RUN_A, RUN_B, run_c):
+        expected = _dump(tmp_path / "one" / run / "dynamics.db")
+        assert repr(_dump(tmp_path / "many" / run / "dynamics.db")) == repr(expected)
+        assert len(expected[0]) == 20
