@@ -126,8 +126,13 @@ def build_single(
 ) -> StepRow:
     """The common case, one rank: no waiting, no combining."""
     metrics = message["metrics"]
-    layer_mean = prepared.layer_mean if prepared else mean_over_layers(metrics)
-    nonfinite = layer_mean.get("nonfinite") or ()
+    if prepared is not None:  # plainly valid: its counts are all zero
+        layer_mean, nonfinite, layer_rows = prepared.layer_mean, 0, prepared.layer_rows
+        mean_values = prepared.mean_values
+    else:
+        layer_mean, layer_rows, mean_values = mean_over_layers(metrics), None, None
+        counts = layer_mean.get("nonfinite") or ()
+        nonfinite = int(sum(v for v in counts if v is not None))
     return StepRow(
         step=message["step"],
         loss=message["loss"],
@@ -135,12 +140,13 @@ def build_single(
         lr=message["lr"],
         ranks_reported=1,
         rank_spread=None if shards else 0.0,
-        nonfinite=int(sum(v for v in nonfinite if v is not None)),
+        nonfinite=nonfinite,
         layer_mean=layer_mean,
         per_layer=metrics,
         world_size=1,
         sent_ts=message["ts"],
-        layer_rows=prepared.layer_rows if prepared else None,
+        layer_rows=layer_rows,
+        mean_values=mean_values,
     )
 
 

@@ -262,7 +262,7 @@ class Collector:
             state.status = "live"
             store.update_run(status="live")
         if kind == wire.KIND_DYNAMICS:
-            self._on_dynamics(state, message, prepared)
+            self._on_dynamics(store, state, message, prepared)
         elif kind == wire.KIND_RUN_START:
             store.update_run(**self._on_run_start(state, message))
         else:
@@ -294,7 +294,11 @@ class Collector:
         }
 
     def _on_dynamics(
-        self, state: RunState, message: dict[str, Any], prepared: Prepared | None = None
+        self,
+        store: RunStore,
+        state: RunState,
+        message: dict[str, Any],
+        prepared: Prepared | None = None,
     ) -> None:
         if message["nonfinite_values"]:
             self.stats.nonfinite_values += message["nonfinite_values"]
@@ -305,7 +309,8 @@ class Collector:
             state.world_size = max(state.world_size, message["rank"] + 1)
         row = self._pending.add(message, state.world_size, state.shards, prepared)
         if row is not None:
-            self._add_row(message["run"], row)
+            store.add_step(row)
+            self._buffered += 1
 
     def _on_run_end(self, run_hash: str, state: RunState, message: dict[str, Any]) -> dict:
         """The run ends when every rank has sent run_end; it gets the worst of their statuses."""

@@ -15,7 +15,7 @@ import operator
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from pathlib import Path
@@ -36,12 +36,14 @@ CELLS_PER_STATEMENT = 256
 MAX_VARIABLES = 16_000  # per multi-row dynamics upsert (SQLite allows 32,766)
 STEP_ROWS_PER_STATEMENT = 16  # measured: 16 rows a statement insert fastest (1 to 256 tried)
 _KEEP_IF_NULL = frozenset(("loss", "val_loss", "lr"))
-# A step's layer_dynamics records built ahead (collector/burst.py): the INSERT (layer_cells_sql)
-# and its parameters, the step and then every cell's metrics.
-LayerRows = tuple[str, list[Any]]
+# A step's layer_dynamics records built ahead (collector/burst.py): their shape (metrics in
+# EXPERT_METRICS order, layers, experts) and the parameters of layer_cells_sql, the step and then
+# every cell's metrics.
+LayerShape = tuple[tuple[str, ...], int, int]
+LayerRows = tuple[LayerShape, list[Any]]
 
 
-@dataclass
+@dataclass(slots=True)  # slots: tens of thousands live between flushes, made and freed fast
 class StepRow:
     """One aggregated step, ready to write."""
 
@@ -52,16 +54,19 @@ class StepRow:
     ranks_reported: int
     rank_spread: float | None
     nonfinite: int
-    layer_mean: dict[str, list[float | None]]  # metric -> value per expert
-    per_layer: dict[str, list[list[float | None]]]  # metric -> [layer][expert]
+    layer_mean: Mapping[str, list[float | None]]  # metric -> value per expert
+    per_layer: Mapping[str, list[list[float | None]]]  # metric -> [layer][expert]
     created: float = field(default_factory=time.time)
     world_size: int = 1  # ranks expected when the row was built
     sent_ts: float | None = None  # when its last rank published it (the sender's clock)
     layer_rows: LayerRows | None = None  # per_layer's records, if built ahead
+    mean_values: list[float | None] | None = None  # layer_mean flat, if built ahead
 
     @property
     def n_experts(self) -> int:
         """Every metric of a row has the same number of experts (wire.validate_metrics)."""
+        if self.mean_values is not None:
+            return len(self.mean_values) // len(self.layer_mean)
         return len(next(iter(self.layer_mean.values()), ()))
 
 
@@ -273,13 +278,16 @@ class RunStore:
             row.nonfinite,
             now,
         ]
+        if row.mean_values is not None:  # built ahead, as flat as pick takes them
+            values += pick(row.mean_values)
+            return names, values
         if len(set(map(len, layer_mean.values()))) > 1:  # never from validated messages
             return self._ragged_values(layer_mean, values)
         values += pick(list(chain.from_iterable(layer_mean.values())))
         return names, values
 
     def _ragged_values(
-        self, layer_mean: dict[str, list[float | None]], values: list[Any]
+        self, layer_mean: Mapping[str, list[float | None]], values: list[Any]
     ) -> tuple[tuple[str, ...], list[Any]]:
         """`_step_values` for metrics of different lengths, cell by cell."""
         cells = [
@@ -326,11 +334,11 @@ class RunStore:
         cells) with its cells as rows of one multi-row VALUES, a fifth faster in SQLite than
         one statement per cell (measured with bench/collector.py's message shape)."""
         groups: dict[tuple[tuple[str, ...], int], list[list]] = {}
-        built: dict[str, list[list]] = {}
+        built: dict[LayerShape, list[list]] = {}
         for row in rows:
             if row.layer_rows is not None:
-                sql, params = row.layer_rows
-                built.setdefault(sql, []).append(params)
+                shape, params = row.layer_rows
+                built.setdefault(shape, []).append(params)
                 continue
             metrics = tuple(m for m in EXPERT_METRICS if m in row.per_layer)
             if not metrics:
@@ -346,8 +354,8 @@ class RunStore:
                 groups.setdefault((metrics, len(chunk)), []).append(params)
         for (metrics, n_cells), params_list in groups.items():
             self.conn.executemany(_layer_sql(metrics, n_cells), params_list)
-        for sql, params_list in built.items():
-            self.conn.executemany(sql, params_list)
+        for shape, params_list in built.items():
+            self.conn.executemany(layer_cells_sql(*shape), params_list)
 
     def _write_run(self, updates: dict[str, Any], counts: dict[str, int]) -> None:
         run_hash = self.run_hash
@@ -435,7 +443,9 @@ def _layer_sql(metrics: tuple[str, ...], n_cells: int) -> str:
 @functools.cache
 def layer_cells_sql(metrics: tuple[str, ...], n_layers: int, n_experts: int) -> str:
     """One step's layer_dynamics INSERT with each cell's layer and expert written in the SQL
-    and the step bound once (?1): a third fewer parameters to make and bind than _layer_sql."""
+    and the step bound once (?1): a third fewer parameters to make and bind than _layer_sql.
+    (Several steps to a statement measured no faster in the collector: the parameter lists
+    must then be joined, which costs what SQLite saves.)"""
     cols = ", ".join(db.quote(c) for c in ("step", "layer", "expert", *metrics))
     k = len(metrics)
     cells = (

@@ -7,10 +7,14 @@ import copy
 import math
 import random
 import sqlite3
+import struct
 from pathlib import Path
 from typing import Any
 
+import msgpack
 from collector_support import RUN_A, RUN_B, dynamics, metrics, run_start
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collector.burst import CHUNK, Burst, decode_burst
 from collector.service import Collector
@@ -161,3 +165,132 @@ def test_layer_means_of_different_lengths_are_stored_cell_by_cell(tmp_path: Path
     finally:
         conn.close()
     assert got == (1.0, 2.0, 3.0, None, 0.25)
+
+
+# --- tier 1: metrics maps read from their bytes (collector/layout.py) ---------------------------
+
+
+def _trainer_burst(n: int = 24) -> list[bytes]:
+    """Messages encoded as the trainer encodes them: one layout for all."""
+    return [wire.encode(dynamics(RUN_A, step, spool_offset=step * 1000)) for step in range(n)]
+
+
+def _assert_decodes_as_alone(datas: list[bytes]) -> int:
+    """decode_burst gives what wire.decode gives, message by message; returns how many were
+    prepared in a fast path."""
+    prepared = 0
+    for data, result in zip(datas, decode_burst(datas), strict=True):
+        expected = _decode_one(data)
+        if isinstance(result, ProtocolError):
+            assert result.reason == expected, (data, result)
+            continue
+        message, ready = result
+        assert message == expected
+        assert repr(message) == repr(expected)  # the same floats, down to the sign of zero
+        if ready is not None:
+            prepared += 1
+            assert _same_floats(ready.layer_mean, mean_over_layers(expected["metrics"]))
+    return prepared
+
+
+def test_the_trainers_messages_take_tier_1(monkeypatch: Any) -> None:
+    import collector.burst as burst
+
+    handed_on: list[int] = []
+    objects = burst.decode_objects
+    monkeypatch.setattr(
+        burst, "decode_objects", lambda datas: handed_on.append(len(datas)) or objects(datas)
+    )
+    datas = _trainer_burst()
+    assert _assert_decodes_as_alone(datas) == len(datas)
+    assert sum(handed_on) == 0
+
+
+def test_tier_1_hands_on_what_it_cannot_take_and_it_decodes_as_alone() -> None:
+    datas = _trainer_burst(40)
+    odd = [
+        dynamics(RUN_A, 1, extra="field"),  # an unknown field
+        dynamics(RUN_A, 2, loss=math.nan),
+        dynamics(RUN_A, 3, loss=math.inf, val_loss=-math.inf, lr=2),  # counted, cleaned
+        dynamics(RUN_A, 4, rank=True),
+        dynamics(RUN_A, 5, seq=1.0),
+        dynamics(RUN_A, 6, ts=1.0),
+        {**dynamics(RUN_A, 7), "run": "ABCDEF012"},
+        {**dynamics(RUN_A, 8), "run": "abcdef012\n"},
+        {**dynamics(RUN_A, 9), "step": 10**12 + 1},
+        dynamics(RUN_A, 10, spool_offset=-1),
+        {**dynamics(RUN_A, 11), "kind": "run_end"},
+    ]
+    datas += [wire.encode(m) for m in odd]
+    datas.append(wire.encode(dynamics(RUN_A, 12)) + b"\x00")  # extra bytes
+    datas.append(wire.encode(dynamics(RUN_A, 13))[:-3])  # cut short
+    float32 = msgpack.packb(dynamics(RUN_A, 14), use_bin_type=True, use_single_float=True)
+    datas.append(float32)
+    random.Random(3).shuffle(datas)
+    assert _assert_decodes_as_alone(datas) >= 40
+
+
+def _payload_positions(data: bytes) -> list[int]:
+    """Where each float64 of the message's metrics map starts (after its marker)."""
+    from collector.burst import _header
+    from collector.layout import layout_of
+
+    header = _header(data)
+    assert header is not None
+    raw = bytes(header.metrics)
+    layout = layout_of(raw)
+    assert layout is not None
+    return [data.index(raw) + int(p) for p in layout.payload[:, 0]]
+
+
+_SPECIAL = [math.nan, -math.nan, math.inf, -math.inf, -1.0, -0.0, 0.0, 1e308, 5e-324, 3.0]
+
+
+@given(
+    changes=st.lists(
+        st.tuples(
+            st.integers(0, 23),  # which message
+            st.integers(0, 10_000),  # where (a byte, or a float's slot)
+            st.one_of(st.integers(0, 255), st.sampled_from(_SPECIAL)),  # a byte or a float
+        ),
+        max_size=8,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_bytes_changed_in_a_burst_decode_as_alone(changes: list[tuple[int, int, Any]]) -> None:
+    """Bytes of any message of a one-layout burst changed, or a float's 8 bytes set to a special
+    value: every message still decodes exactly as it does alone."""
+    datas = [bytearray(d) for d in _trainer_burst()]
+    slots = _payload_positions(bytes(datas[0]))
+    for which, where, what in changes:
+        data = datas[which]
+        if isinstance(what, float):
+            start = slots[where % len(slots)]
+            data[start : start + 8] = struct.pack(">d", what)
+        else:
+            data[where % len(data)] = what
+    _assert_decodes_as_alone([bytes(d) for d in datas])
+
+
+def test_tier_1_rows_of_ranks_shards_and_wide_tables_store_what_single_messages_store(
+    tmp_path: Path,
+) -> None:
+    """Tier 1 leaves a message's tables as bytes until a rank merge or a table too wide for
+    the built records needs them as lists: stored rows are still those of one at a time."""
+    run_c = "c00000003"
+    messages = [run_start(RUN_A, world_size=2), run_start(RUN_B, world_size=2, shards=True)]
+    for step in range(0, 40, 2):
+        for rank in (0, 1):
+            messages.append(dynamics(RUN_A, step, rank=rank))
+            messages.append(dynamics(RUN_B, step, rank=rank))
+        messages.append(dynamics(run_c, step, metrics=metrics(step, layers=9, experts=32)))
+    datas = [wire.encode(m) for m in messages]
+    assert _assert_decodes_as_alone(datas) == len(datas) - 2  # all but the run_starts
+    one, many = Collector(runs_dir=tmp_path / "one"), Collector(runs_dir=tmp_path / "many")
+    _feed(one, copy.deepcopy(datas), in_bursts=False)
+    _feed(many, datas, in_bursts=True)
+    assert one.stats.rejected == many.stats.rejected == {}
+    for run in (RUN_A, RUN_B, run_c):
+        expected = _dump(tmp_path / "one" / run / "dynamics.db")
+        assert repr(_dump(tmp_path / "many" / run / "dynamics.db")) == repr(expected)
+        assert len(expected[0]) == 20

@@ -33,8 +33,10 @@ from collector_support import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from collector.burst import Burst
 from collector.service import Collector
 from prismatic import wire
+from prismatic.errors import ProtocolError
 
 KNOWN_REASONS = (*wire.REJECT_REASONS, *SERVICE_REASONS)
 
@@ -261,6 +263,46 @@ def test_fuzzed_messages_never_crash_the_collector_or_write_a_bad_row(tmp_path: 
     assert collector.shutdown()
     assert set(collector.stats.rejected) <= set(KNOWN_REASONS)
     assert outcomes["accepted"] > 0 and collector.stats.rejected  # both sides were exercised
+    assert assert_databases_sound(tmp_path) >= 1
+
+
+def test_fuzzed_messages_in_bursts_are_rejected_as_alone(tmp_path: Path) -> None:
+    """The same fuzz, fed as bursts among trainer messages of one encoding (so that the burst
+    path reads their tables from the bytes, collector/burst.py): a message is rejected for the
+    reason wire.decode gives it alone, or stored, and the databases stay sound."""
+    collector = Collector(runs_dir=tmp_path, stats_interval_s=3600)
+    trainer = [wire.encode(dynamics(RUN_B, step)) for step in range(8)]
+
+    @settings(
+        max_examples=200,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(fuzzed=st.lists(_fuzzed_message(), min_size=1, max_size=8), seed=st.integers(0, 99))
+    def feed(fuzzed: list[bytes], seed: int) -> None:
+        datas = trainer + fuzzed
+        random.Random(seed).shuffle(datas)
+        collector._burst = Burst(datas)
+        try:
+            for data in datas:
+                before = collector.stats.rejected.copy()
+                nonfinite = collector.stats.nonfinite_values
+                accepted = collector.handle_bytes(data)  # must not raise, whatever the bytes
+                new = collector.stats.rejected - before
+                assert sum(new.values()) == (0 if accepted else 1)
+                try:
+                    alone = wire.decode(data)
+                except ProtocolError as exc:
+                    assert new == {exc.reason: 1}, data
+                    continue
+                assert set(new) <= set(SERVICE_REASONS), data
+                counted = collector.stats.nonfinite_values - nonfinite
+                assert counted == (alone.get("nonfinite_values", 0) if accepted else 0), data
+        finally:
+            collector._burst = None
+
+    feed()
+    assert collector.shutdown()
     assert assert_databases_sound(tmp_path) >= 1
 
 
