@@ -20,7 +20,6 @@ every rejection reason, cleaned value and NaN/Inf count stays the same.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from itertools import chain
@@ -311,14 +310,9 @@ class Means(Mapping[str, list[Any]]):
 
 def _message(header: _Header, metrics: Tables) -> dict[str, Any]:
     """The message `wire.validate` makes of this header and (valid) metrics."""
-    loss, val_loss, lr = header.loss, header.val_loss, header.lr
-    nonfinite = 0
-    if loss is not None and not math.isfinite(loss):
-        loss, nonfinite = None, nonfinite + 1
-    if val_loss is not None and not math.isfinite(val_loss):
-        val_loss, nonfinite = None, nonfinite + 1
-    if lr is not None and not math.isfinite(lr):
-        lr, nonfinite = None, nonfinite + 1
+    loss, bad_loss = wire.finite(header.loss)
+    val_loss, bad_val = wire.finite(header.val_loss)
+    lr, bad_lr = wire.finite(header.lr)
     return {
         "v": header.v,
         "kind": header.kind,
@@ -332,7 +326,7 @@ def _message(header: _Header, metrics: Tables) -> dict[str, Any]:
         "val_loss": val_loss,
         "lr": lr,
         "metrics": metrics,
-        "nonfinite_values": nonfinite,
+        "nonfinite_values": bad_loss + bad_val + bad_lr,
     }
 
 

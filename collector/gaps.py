@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from collector.replay import SPOOL_DIR, replay_file, spool_path
+from collector.replay import SPOOL_DIR, replay_file, spool_files, spool_path, warn_if_torn
 from prismatic import db
 
 if TYPE_CHECKING:
@@ -158,8 +158,10 @@ class SpoolWatch:
         from its saved cursor when the run's database backs it, else from the start. Returns
         the messages read."""
         before = self.replayed
-        for path in sorted((run_dir / SPOOL_DIR).glob("rank*.msgpack")):
-            self._replay(path, self._cursor(path), "--replay")
+        for path in spool_files(run_dir):
+            cursor = self._cursor(path)
+            self._replay(path, cursor, "--replay")
+            warn_if_torn(path, cursor.offset)
         return self.replayed - before
 
     def scan(self) -> None:

@@ -3,8 +3,10 @@ folder (`spool/rank<N>.msgpack`), in the bytes that went out on the socket.
 
 `replay_file` reads one spool from a byte offset on and feeds each message through
 `Collector.handle()`; it returns where it stopped, so a caller can come back later for only what
-was appended since (collector/gaps.py does, on its own). `prismatic collect --replay RUN_DIR`
-replays whole folders. Writes are idempotent, so replaying twice stores each step once.
+was appended since (collector/gaps.py does, on its own). `replay_into` replays a whole run
+folder from the start; `prismatic collect --replay RUN_DIR` reads only what the runs folder has
+not stored yet (from the saved cursors, `SpoolWatch.replay_unread`). Writes are idempotent, so
+replaying twice stores each step once.
 """
 
 from __future__ import annotations
@@ -88,18 +90,23 @@ def replay_file(collector: Collector, path: Path, start: int = 0) -> Replayed:
     return done
 
 
+def warn_if_torn(path: Path, end: int) -> None:
+    """Warn when `path` goes on past `end`, where reading stopped: a torn last write."""
+    size = path.stat().st_size
+    if end < size:
+        log.warning(
+            "replay: %s ends in %d bytes that are not a whole message (a torn write)",
+            path,
+            size - end,
+        )
+
+
 def replay_into(collector: Collector, run_dir: Path) -> int:
     """Feed one run folder's spool files through `collector`; returns messages accepted."""
     accepted = 0
     for path in spool_files(run_dir):
         done = replay_file(collector, path)
-        size = path.stat().st_size
-        if done.end < size:
-            log.warning(
-                "replay: %s ends in %d bytes that are not a whole message (a torn write)",
-                path,
-                size - done.end,
-            )
+        warn_if_torn(path, done.end)
         accepted += done.accepted
     return accepted
 

@@ -212,7 +212,7 @@ class Collector:
         if committed:
             # Where each spool was read to: a restarted collector or `--replay` starts there.
             self.spools.save_committed(force=True)
-        if not committed:
+        else:
             log.error("collector: could not commit %d rows; they are lost", self.buffered_rows)
         log.info(
             "collector: stopped; %d messages, %d rows written, rejected %s",

@@ -190,8 +190,9 @@ def find_control(run: RunInfo, runs: list[RunInfo]) -> RunInfo | None:
     executed (`control_differences`). None if `run` is a control itself or has none."""
     if run.is_control or not run.config:
         return None
-    controls = [r for r in runs if r.is_control and r.run_hash != run.run_hash and r.config]
-    controls = [r for r in controls if r.steps]
+    controls = [
+        r for r in runs if r.is_control and r.run_hash != run.run_hash and r.config and r.steps
+    ]
     for loose in (False, True):
         mine = _experiment(run.config, loose)
         matching = [r for r in controls if _experiment(r.config or {}, loose) == mine]

@@ -129,13 +129,14 @@ class _Loader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
-            if isinstance(key, typing.Hashable) and key in seen:
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader itself rejects it below
+            if key in seen:
                 raise ConfigError(
                     f"{key_node.start_mark.name}: key {key!r} is written twice in one mapping "
                     f"(lines {seen[key]} and {line}); keep one"
                 )
-            if isinstance(key, typing.Hashable):
-                seen[key] = line
+            seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
@@ -156,6 +157,15 @@ def load_yaml(text: str, name: str = "<text>") -> Any:
         return loader.get_single_data()
     finally:
         loader.dispose()
+
+
+def load_yaml_file(path: Path, what: str) -> Any:
+    """`load_yaml` of a file; a YAML syntax error is a ConfigError starting with `what`."""
+    try:
+        return load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{what}: {str(path)!r} is not valid YAML ({first})") from exc
 
 
 def _type_name(tp: Any) -> str:
@@ -312,11 +322,7 @@ def load_config_data(path: str | Path | None) -> dict[str, Any]:
         raise ConfigError(
             f"config: {str(p)!r} is not a file; pass a YAML file such as configs/default.yaml"
         )
-    try:
-        data = load_yaml(p.read_text(encoding="utf-8"), str(p))
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"config: {str(p)!r} is not valid YAML ({first})") from exc
+    data = load_yaml_file(p, "config")
     return {} if data is None else data
 
 

@@ -25,10 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from prismatic import db
-from prismatic.config import load_config, load_yaml, run_hash
+from prismatic.config import load_config, load_yaml_file, run_hash
 from prismatic.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,11 +63,7 @@ def load_stack(path: str | Path = STACK_FILE) -> dict[str, Path]:
     stack_path = resolve_path(path)
     if not stack_path.is_file():
         raise ConfigError(f"stack: {str(path)!r} is not a file; pass configs to `prismatic up`")
-    try:
-        data = load_yaml(stack_path.read_text(encoding="utf-8"), str(stack_path)) or {}
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"stack: {str(stack_path)!r} is not valid YAML ({first})") from exc
+    data = load_yaml_file(stack_path, "stack") or {}
     trainers = data.get("trainers") if isinstance(data, dict) else None
     if not isinstance(trainers, dict) or not trainers:
         raise ConfigError(f"stack: {stack_path} needs a non-empty `trainers:` map of name: config")

@@ -185,8 +185,14 @@ def _scalar(raw: dict, name: str) -> tuple[float | None, int]:
         return None, 0
     if type(value) not in (int, float):
         raise ProtocolError("bad_field", f"{name}={repr(value)[:40]}")
-    value = float(value)
-    return (value, 0) if math.isfinite(value) else (None, 1)
+    return finite(float(value))
+
+
+def finite(value: float | None) -> tuple[float | None, int]:
+    """(value, 0), or (None, 1) for NaN/Inf: a non-finite number is stored as NULL and counted."""
+    if value is None or math.isfinite(value):
+        return value, 0
+    return None, 1
 
 
 def _validate_run_start(raw: dict) -> dict[str, Any]:
