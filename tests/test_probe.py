@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -18,6 +20,8 @@ from prismatic.errors import ProbeError
 from prismatic.wire import EXPERT_METRICS
 from trainer import GradientProbe, Prismatic, find_prismatic_layers, log_gradient_dynamics, unwrap
 from trainer.publisher import Publisher
+
+TESTS = Path(__file__).resolve().parent
 
 # --- a straightforward reference -------------------------------------------------------------
 
@@ -376,25 +380,48 @@ def test_torch_compile_wrapper_is_unwrapped():
     assert GradientProbe(compiled).measure(0).metrics["norm"][1][0] > 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Run in a child process: a process group is C++ that a stuck rendezvous would hold past
+# pytest-timeout's signal (a hang there once stalled a whole CI run), and a child's timeout
+# always ends it. Gloo is pinned to the loopback interface, not whatever the hostname resolves
+# to, and given a short timeout of its own.
+DDP_CHILD = """
+import datetime, sys
+import torch.distributed as dist
+from torch import nn
+from trainer_support import backward, tiny_net
+from trainer import GradientProbe, unwrap
+
+net, x = tiny_net(layers=2)
+dist.init_process_group(
+    "gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1,
+    timeout=datetime.timedelta(seconds=60),
+)
+try:
+    ddp = nn.parallel.DistributedDataParallel(net)
+    assert unwrap(ddp) is net
+    probe = GradientProbe(ddp, average_routing_over_ranks=True)
+    backward(ddp, x)
+    assert probe.measure(0).metrics["norm"][1][2] > 0
+finally:
+    dist.destroy_process_group()
+print("ok")
+"""
 
 
-def test_distributed_data_parallel_wrapper_is_unwrapped():
-    net, x = tiny_net(layers=2)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+def test_distributed_data_parallel_wrapper_is_unwrapped(tmp_path):
+    env = {
+        **os.environ,
+        "GLOO_SOCKET_IFNAME": "lo",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", DDP_CHILD, str(tmp_path / "store")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
-    try:
-        ddp = nn.parallel.DistributedDataParallel(net)
-        assert unwrap(ddp) is net
-        probe = GradientProbe(ddp, average_routing_over_ranks=True)
-        backward(ddp, x)
-        assert probe.measure(0).metrics["norm"][1][2] > 0
-    finally:
-        dist.destroy_process_group()
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_a_module_attribute_of_a_plain_model_is_not_peeled():
