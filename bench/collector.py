@@ -9,6 +9,7 @@ like the default model's (4 layers x 3 experts, every metric), one run per sende
                publish (the message's own timestamp) to commit, per row.
 
     .venv/bin/python bench/collector.py [--senders 16] [--messages 100000] [--rate 5000]
+                                        [--writer process|inline]
 
 Targets (issue 4): >= 20,000 messages/s committed from 16 senders, >= 25 % of the ceiling,
 p99 <= 500 ms at 5,000 messages/s. The last line printed is one JSON object.
@@ -145,12 +146,14 @@ class CommitClock:
         self.latencies += [now - r.sent_ts for r in rows if r.sent_ts is not None]
 
 
-def through_collector(n: int, per_sender: int, rate: float) -> tuple[float, CommitClock]:
+def through_collector(
+    n: int, per_sender: int, rate: float, writer: str = "process"
+) -> tuple[float, CommitClock]:
     """(rows committed per second from the first message received, the commit clock)."""
     from collector.service import Collector
 
     runs_dir = Path(tempfile.mkdtemp(prefix="bench-collector-"))
-    collector = Collector("tcp://127.0.0.1:*", runs_dir, stats_interval_s=3600)
+    collector = Collector("tcp://127.0.0.1:*", runs_dir, stats_interval_s=3600, writer=writer)
     clock = CommitClock()
     collector.on_commit = clock
     first: list[float] = []
@@ -189,6 +192,12 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100_000, help="per throughput phase")
     parser.add_argument("--rate", type=float, default=5000.0, help="latency phase, messages/s")
     parser.add_argument("--latency-seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--writer",
+        choices=("process", "inline"),
+        default="process",
+        help="the collector's writer (prismatic collect --writer)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     n = args.senders
@@ -196,14 +205,15 @@ def main() -> None:
 
     ceiling_rate = ceiling(n, per_sender)
     print(f"ceiling: bare PULL + msgpack decode: {ceiling_rate:,.0f} msg/s", flush=True)
-    committed_rate, _ = through_collector(n, per_sender, 0)
+    committed_rate, _ = through_collector(n, per_sender, 0, args.writer)
     print(
-        f"throughput: {n} senders -> collector -> SQLite: {committed_rate:,.0f} msg/s committed "
+        f"throughput: {n} senders -> collector ({args.writer} writer) -> SQLite: "
+        f"{committed_rate:,.0f} msg/s committed "
         f"({committed_rate / ceiling_rate:.0%} of the ceiling)",
         flush=True,
     )
     paced = int(args.rate * args.latency_seconds) // n
-    _, clock = through_collector(n, paced, args.rate)
+    _, clock = through_collector(n, paced, args.rate, args.writer)
     p50, p99 = percentile(clock.latencies, 0.5), percentile(clock.latencies, 0.99)
     print(
         f"latency at {args.rate:,.0f} msg/s: publish-to-commit p50 {p50 * 1000:.0f} ms, "

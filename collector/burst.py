@@ -29,7 +29,7 @@ import msgspec
 import numpy as np
 
 from collector.layout import MAX_LAYOUTS, Layout, LayoutCache, layout_of
-from collector.store import CELLS_PER_STATEMENT, LayerRows, LayerShape
+from collector.store import CELLS_PER_STATEMENT, LayerRows, LayerShape, Means
 from prismatic import wire
 from prismatic.errors import ProtocolError
 
@@ -78,7 +78,6 @@ class Prepared:
 
     layer_mean: Mapping[str, list[float | None]]
     layer_rows: LayerRows | None
-    mean_values: list[float | None] | None = None  # layer_mean flat, [name][expert]
 
 
 class Burst:
@@ -173,12 +172,12 @@ def _read(
     values = np.full((n, plan.missing.size), np.nan)
     values[:, layout.float_slots] = floats  # [message][name, layer, expert], nil as NaN
     means = _flat_means(plan, values.reshape(n, *layout.shape))
-    records = _records(plan, values, [header.step for _, header in group])
+    records = _records(plan, values)
     names, n_experts = layout.names, layout.n_experts
     for j, ((i, header), mean, record) in enumerate(zip(group, means, records, strict=True)):
         message = _message(header, Tables(names, values, j, plan.missing))
         # A plainly valid message's counts are all zero: its row's nonfinite is 0.
-        out[i] = message, Prepared(Means(names, mean, n_experts), record, mean)
+        out[i] = message, Prepared(Means(names, mean, n_experts), record)
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,8 +189,7 @@ class _Plan:
     present: np.ndarray  # (names, experts) values over the layers
     no_mean: np.ndarray  # flat [name][expert] positions of means that are None (no value)
     layer_shape: LayerShape | None  # None if one step needs more than one statement
-    cells: np.ndarray  # flat slot of each layer_dynamics parameter after the step
-    cell_nils: np.ndarray  # parameters (the step is 0) that are nil
+    cells: np.ndarray  # flat slot of each layer_dynamics parameter but the step
 
 
 @functools.lru_cache(maxsize=MAX_LAYOUTS)
@@ -212,15 +210,15 @@ def _plan(layout: Layout) -> _Plan:
         no_mean=np.flatnonzero((present == 0) & ~counts),
         layer_shape=(metrics, n_layers, n_experts) if small else None,
         cells=cells,
-        cell_nils=1 + np.flatnonzero(missing.ravel()[cells]),
     )
 
 
-def _flat_means(plan: _Plan, table: np.ndarray) -> list[list[float | None]]:
+def _flat_means(plan: _Plan, table: np.ndarray) -> list[bytes]:
     """table: (messages, names, layers, experts), nil as NaN -> each message's layer means,
-    [name][expert] flat, as `aggregate.mean_over_layers` makes them: the mean of the values
-    present, None where there are none, counts summed. Summed layer by layer, in order, so
-    each float is the one Python's sum() gives (numpy's pairwise sum could differ)."""
+    [name][expert] flat as float64 bytes (store.Means), as `aggregate.mean_over_layers` makes
+    them: the mean of the values present, NaN (None) where there are none, counts summed.
+    Summed layer by layer, in order, so each float is the one Python's sum() gives (numpy's
+    pairwise sum could differ)."""
     filled = np.where(plan.missing, 0.0, table)
     with np.errstate(all="ignore"):  # overflow to Inf, 0/0: as in Python, then None
         sums = filled[:, :, 0].copy()
@@ -228,22 +226,28 @@ def _flat_means(plan: _Plan, table: np.ndarray) -> list[list[float | None]]:
             sums += filled[:, :, layer]
         sums += 0.0  # Python's sum() starts at 0: a sum of -0.0s is 0.0
         means = np.where(plan.counts, sums, sums / plan.present)
-    out = means.reshape(len(table), -1).astype(object)
-    out[:, plan.no_mean] = None
-    return out.tolist()
+    out = means.reshape(len(table), -1)
+    out[:, plan.no_mean] = np.nan  # what else is NaN here: 0/0 where no value, also no mean
+    data = np.ascontiguousarray(out).tobytes()
+    size = out.shape[1] * 8
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
-def _records(plan: _Plan, values: np.ndarray, steps: list[int]) -> list[LayerRows | None]:
+def _records(plan: _Plan, values: np.ndarray) -> list[LayerRows | None]:
     """Each message's layer_dynamics records (store.layer_cells_sql), None for a shape that
     needs more than one statement a step."""
     if plan.layer_shape is None:
-        return [None] * len(steps)
-    params = np.empty((len(steps), 1 + len(plan.cells)), dtype=object)
-    params[:, 0] = steps
-    params[:, 1:] = values[:, plan.cells]  # a float object per value
-    params[:, plan.cell_nils] = None
-    shape = plan.layer_shape
-    return [(shape, p) for p in params.tolist()]
+        return [None] * len(values)
+    return list(cell_records(plan.layer_shape, values[:, plan.cells]))
+
+
+def cell_records(shape: LayerShape, cells: np.ndarray) -> list[LayerRows]:
+    """LayerRows for each row of `cells` (steps x their parameters, nil as NaN)."""
+    data = np.ascontiguousarray(cells, dtype=np.float64).tobytes()
+    size = cells.shape[1] * 8
+    if not size:
+        return [(shape, b"") for _ in range(len(cells))]
+    return [(shape, data[i : i + size]) for i in range(0, len(data), size)]
 
 
 class Tables(Mapping[str, list[list[Any]]]):
@@ -281,31 +285,6 @@ class Tables(Mapping[str, list[list[Any]]]):
 
     def __repr__(self) -> str:
         return repr(self._made())
-
-
-class Means(Mapping[str, list[Any]]):
-    """A tier-1 message's layer means, {name: [value per expert]}, over its flat list
-    ([name][expert], as the store writes them: StepRow.mean_values)."""
-
-    __slots__ = ("_names", "_flat", "_n_experts")
-
-    def __init__(self, names: tuple[str, ...], flat: list[Any], n_experts: int) -> None:
-        self._names = names
-        self._flat = flat
-        self._n_experts = n_experts
-
-    def __getitem__(self, name: str) -> list[Any]:
-        start = self._names.index(name) * self._n_experts
-        return self._flat[start : start + self._n_experts]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __repr__(self) -> str:
-        return repr(dict(self))
 
 
 def _message(header: _Header, metrics: Tables) -> dict[str, Any]:
@@ -404,7 +383,7 @@ def _prepare(
     if np.isnan(table[~missing]).any() or not _in_range(table, missing, names):
         return None  # a NaN was sent, or a value is out of range
     means = _layer_means(table, missing, names)
-    rows = _layer_rows([m["step"] for m in messages], decoded, names)
+    rows = _layer_rows(table, names)
     records: list[LayerRows | None] = list(rows) if rows else [None] * len(messages)
     return [
         Prepared(dict(zip(names, m, strict=True)), r) for m, r in zip(means, records, strict=True)
@@ -465,22 +444,15 @@ def _layer_means(
     return out.tolist()
 
 
-def _layer_rows(
-    steps: list[int], decoded: np.ndarray, names: tuple[str, ...]
-) -> list[LayerRows] | None:
-    """Each message's `layer_dynamics` records (store.layer_cells_sql): their shape and
-    parameters, the step, then each cell's metrics in EXPERT_METRICS order; None if one step
-    needs more than one statement. They hold the decoded values themselves (None included):
-    no new float objects to make and free."""
-    n, _, n_layers, n_experts = decoded.shape
-    n_cells = n_layers * n_experts
-    if n_cells > CELLS_PER_STATEMENT:
+def _layer_rows(table: np.ndarray, names: tuple[str, ...]) -> list[LayerRows] | None:
+    """Each message's `layer_dynamics` records (store.layer_cells_sql) from its tables
+    (messages, names, layers, experts; nil as NaN); None if one step needs more than one
+    statement."""
+    n, _, n_layers, n_experts = table.shape
+    if n_layers * n_experts > CELLS_PER_STATEMENT:
         return None
     metrics = tuple(m for m in wire.EXPERT_METRICS if m in names)
-    shape = (metrics, n_layers, n_experts)
     order = [names.index(m) for m in metrics]
     # [message][metric][layer][expert] -> [message][layer][expert][metric], flat per message
-    params = np.empty((n, 1 + n_cells * len(metrics)), dtype=object)
-    params[:, 0] = steps
-    params[:, 1:] = decoded[:, order].transpose(0, 2, 3, 1).reshape(n, -1)
-    return [(shape, p) for p in params.tolist()]
+    cells = table[:, order].transpose(0, 2, 3, 1).reshape(n, -1)
+    return cell_records((metrics, n_layers, n_experts), cells)

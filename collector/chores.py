@@ -31,7 +31,7 @@ class Chores:
         c = self.c
         now = time.monotonic()
         if self._due("flush", c.flush_interval_s, now):
-            c.flush()
+            c.flush(wait=False)
         if self._due("timeouts", min(1.0, c.rank_timeout_s / 4), now):
             for run_hash, row in c._pending.pop_expired(c.rank_timeout_s):
                 self._guarded(c._add_row, run_hash, row)
@@ -70,7 +70,7 @@ class Chores:
         c = self.c
         for run_hash, store in list(c._stores.items()):
             if (
-                not store.pending
+                not c.has_unwritten(run_hash)
                 and now - store.last_write > c.idle_close_s
                 and not c._pending.has_run(run_hash)
             ):

@@ -201,9 +201,7 @@ class SpoolWatch:
             self._dirty.discard(run_dir)
 
     def _committed(self, run_hash: str) -> bool:
-        store = self.c._stores.get(run_hash)
-        buffered = store is not None and store.pending > 0
-        return not buffered and not self.c._pending.has_run(run_hash)
+        return not self.c.has_unwritten(run_hash) and not self.c._pending.has_run(run_hash)
 
     # --- cursors -------------------------------------------------------------------------------
 
@@ -219,8 +217,11 @@ class SpoolWatch:
 
     def _load(self, run_dir: Path) -> None:
         file = run_dir / SPOOL_DIR / CURSOR_NAME
-        if not (run_dir / db.DB_NAME).is_file():
-            return  # the rows a saved cursor vouches for are gone: read the spool again
+        # The database this collector writes the run to (for --replay of a folder elsewhere,
+        # not the folder's own): without it, the rows a saved cursor vouches for are not
+        # there, and the spool is read again from the start.
+        if not (self.c.runs_dir / run_dir.name / db.DB_NAME).is_file():
+            return
         try:
             saved = json.loads(file.read_text(encoding="utf-8"))
         except FileNotFoundError:

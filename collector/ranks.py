@@ -128,9 +128,8 @@ def build_single(
     metrics = message["metrics"]
     if prepared is not None:  # plainly valid: its counts are all zero
         layer_mean, nonfinite, layer_rows = prepared.layer_mean, 0, prepared.layer_rows
-        mean_values = prepared.mean_values
     else:
-        layer_mean, layer_rows, mean_values = mean_over_layers(metrics), None, None
+        layer_mean, layer_rows = mean_over_layers(metrics), None
         counts = layer_mean.get("nonfinite") or ()
         nonfinite = int(sum(v for v in counts if v is not None))
     return StepRow(
@@ -146,7 +145,6 @@ def build_single(
         world_size=1,
         sent_ts=message["ts"],
         layer_rows=layer_rows,
-        mean_values=mean_values,
     )
 
 

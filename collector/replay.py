@@ -111,7 +111,9 @@ def replay_into(collector: Collector, run_dir: Path) -> int:
     return accepted
 
 
-def replay_dirs(run_dirs: list[Path], runs_dir: Path) -> None:
+def replay_dirs(run_dirs: list[Path], runs_dir: Path, writer: str = "process") -> bool:
+    """Ingest what each run folder's spool holds that `runs_dir` has not stored; True if all
+    of it was committed."""
     from collector.service import Collector
 
     for run_dir in run_dirs:
@@ -125,8 +127,11 @@ def replay_dirs(run_dirs: list[Path], runs_dir: Path) -> None:
                 f"--replay: {str(run_dir)!r} has no spool/ folder; pass a run folder "
                 "such as build/runs/<hash>"
             )
-    collector = Collector(runs_dir=runs_dir)
+    collector = Collector(runs_dir=runs_dir, writer=writer)
     for run_dir in run_dirs:
         count = collector.spools.replay_unread(run_dir)
         print(f"replayed {count} messages from {run_dir}", flush=True)
-    collector.shutdown()
+    committed = collector.shutdown()
+    if not committed:
+        print("replay: not everything could be committed (see the log); run it again", flush=True)
+    return committed

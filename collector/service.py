@@ -28,6 +28,7 @@ from collector.chores import Chores
 from collector.gaps import SpoolWatch
 from collector.ranks import PendingSteps
 from collector.store import RunStore, StepRow
+from collector.writer import WriterError, make_writer
 from prismatic import db, wire
 from prismatic.errors import ConfigError, ProtocolError, SchemaError
 
@@ -39,6 +40,7 @@ SHUTDOWN_RETRY_S = 10.0  # how long shutdown keeps retrying a flush that failed
 # A run's rows kept in memory while its database refuses writes (locked, disk full); beyond
 # this the oldest are dropped (counted): they are still in the trainers' spool files.
 MAX_UNWRITTEN_ROWS = 100_000
+MAX_BACKLOG_FLUSHES = 4  # flushes' worth of rows buffered while the writer is busy, at most
 # run_end statuses from several ranks: the run gets the worst one.
 _END_PRIORITY = {"completed": 0, "interrupted": 1, "failed": 2}
 
@@ -84,6 +86,7 @@ class Collector:
         max_open_runs: int = 128,
         stats_interval_s: float = 10.0,
         curve: Any = None,
+        writer: str = "process",
     ) -> None:
         self.bind = bind
         self.runs_dir = Path(runs_dir)
@@ -110,6 +113,9 @@ class Collector:
         self._checkpoint_turn = 0
         self._burst: Burst | None = None  # the burst _drain is handling
         self.spools = SpoolWatch(self)  # replays from spool files what the socket missed
+        # SQLite's inserts: in a writer process (the second core) by default (collector/writer.py)
+        self._writer = make_writer(writer, self._committed, self._flush_failed, self.context)
+        self._refused: set[str] = set()  # runs whose batch failed since the flush began
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -123,13 +129,29 @@ class Collector:
             db.SCHEMA_VERSION,
         )
         self._adopt_live_runs()
+        try:
+            self._writer.start()
+            if self._writer.name == "inline":
+                log.info("collector: writing inline, in this process (--writer inline)")
+        except WriterError:
+            sock.close(linger=0)
+            raise
         self.ready.set()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        replies: zmq.Socket | None = None  # the writer's, polled too: commits are heard at once
         chores = Chores(self)
         try:
             while not self.stop_event.is_set():
-                if poller.poll(50):
+                if replies is not self._writer.reply_socket():
+                    if replies is not None:
+                        poller.unregister(replies)
+                    replies = self._writer.reply_socket()
+                    if replies is not None:
+                        poller.register(replies, zmq.POLLIN)
+                events = dict(poller.poll(50))
+                self._writer.collect()
+                if sock in events:
                     self._drain(sock)
                 chores.run_due()
         finally:
@@ -140,6 +162,10 @@ class Collector:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def kill_writer(self) -> None:
+        """End the writer process at once (the collector is exiting without flushing)."""
+        self._writer.kill()
 
     def _open_socket(self) -> zmq.Socket:
         sock = self.context.socket(zmq.PULL)
@@ -172,7 +198,7 @@ class Collector:
             for data in datas:
                 self.handle_bytes(data)
                 if self._buffered >= self.flush_rows:
-                    self.flush()
+                    self.flush(wait=False)
         finally:
             self._burst = None
             if collecting:
@@ -206,14 +232,22 @@ class Collector:
         deadline = time.monotonic() + SHUTDOWN_RETRY_S
         while not self.commit_all() and time.monotonic() < deadline:
             time.sleep(0.2)
-        committed = self.buffered_rows == 0
+        unwritten = self.buffered_rows
+        committed = unwritten == 0
         for run_hash in list(self._stores):
-            self._close_store(run_hash)
+            # Not one more try for what the retries above could not commit.
+            self._close_store(run_hash, force=True, flush=committed)
+        self._writer.stop()
         if committed:
             # Where each spool was read to: a restarted collector or `--replay` starts there.
             self.spools.save_committed(force=True)
         else:
-            log.error("collector: could not commit %d rows; they are lost", self.buffered_rows)
+            log.error(
+                "collector: could not commit %d rows; they are not in the database (spool "
+                "cursors are not saved: a restarted collector, or --replay, reads them again "
+                "from the trainers' spool files)",
+                unwritten,
+            )
         log.info(
             "collector: stopped; %d messages, %d rows written, rejected %s",
             self.stats.received,
@@ -378,19 +412,21 @@ class Collector:
             if not self._pending.has_run(run_hash) and self._close_store(run_hash):
                 return
 
-    def _close_store(self, run_hash: str) -> bool:
-        """Commit and close; False (and kept open) if the commit failed."""
+    def _close_store(self, run_hash: str, force: bool = False, flush: bool = True) -> bool:
+        """Commit (unless not `flush`) and close; False (and kept open) if the commit failed,
+        unless `force` (shutdown, which has counted what could not be committed)."""
         store = self._stores[run_hash]
+        self._writer.wait(run_hash)
         self._note_messages(run_hash, store)
-        try:
-            self._committed(store, store.flush())
-        except sqlite3.Error as exc:
-            self._flush_failed(store, exc)
-            if not self.stop_event.is_set():
+        batch = store.take()  # without `flush`, dropped: shutdown has counted it unwritten
+        if batch is not None and flush:
+            self._writer.submit(store, batch)
+            self._writer.wait(run_hash)
+            if store.pending and not force:
                 return False
         del self._stores[run_hash]
         try:
-            store.close()
+            self._writer.close_store(store)
         except sqlite3.Error as exc:
             self._flush_failed(store, exc)
         return True
@@ -411,23 +447,41 @@ class Collector:
         if rows and self.on_commit is not None:
             self.on_commit(store.run_hash, rows)
 
-    def flush(self) -> bool:
-        """Commit every store's buffered rows, one transaction per store; False if some store
-        refused (its rows stay buffered for the next flush).
+    def flush(self, wait: bool = True) -> bool:
+        """Hand every store's buffered rows to the writer, one transaction per store, and with
+        `wait` see them committed; False if some store refused (its rows stay buffered for the
+        next flush). Without `wait` a store whose last batch is still being written keeps its
+        rows for the next flush, and the loop goes on receiving unless the writer has fallen
+        more than MAX_BACKLOG_FLUSHES flushes behind.
 
-        Synchronous on purpose: a writer thread was measured slower, not faster (bench/
-        collector.py), as the GIL hand-offs around each SQLite step cost more than they save.
+        (A writer thread was measured slower than writing inline: the GIL hand-offs around
+        each SQLite step cost more than they saved. A process has no such hand-offs.)
         """
-        ok = True
+        self._refused = set()
+        self._writer.collect()
+        self._hand_over()
+        if wait or self.buffered_rows > MAX_BACKLOG_FLUSHES * self.flush_rows:
+            self._writer.wait()
+            self._hand_over()  # the stores whose earlier batch was still in flight
+            if wait:
+                self._writer.wait()
+        self._buffered = 0
+        return not self._refused
+
+    def _hand_over(self) -> None:
+        writer = self._writer
         for run_hash, store in self._stores.items():
+            if run_hash in self._refused or writer.busy(run_hash):
+                continue
             self._note_messages(run_hash, store)
-            try:
-                self._committed(store, store.flush())
-            except sqlite3.Error as exc:
-                self._flush_failed(store, exc)
-                ok = False
-        self._buffered = 0 if ok else self.buffered_rows
-        return ok
+            batch = store.take()
+            if batch is not None:
+                writer.submit(store, batch)
+
+    def has_unwritten(self, run_hash: str) -> bool:
+        """Whether some of the run's rows are buffered or being written."""
+        store = self._stores.get(run_hash)
+        return store is not None and (store.pending > 0 or self._writer.busy(run_hash))
 
     def commit_all(self) -> bool:
         """Flush: True once everything buffered is committed."""
@@ -441,10 +495,11 @@ class Collector:
             return
         self._checkpoint_turn = (self._checkpoint_turn + 1) % len(self._stores)
         store = list(self._stores.values())[self._checkpoint_turn]
-        store.checkpoint()
+        self._writer.checkpoint(store)
 
     def _flush_failed(self, store: RunStore, exc: sqlite3.Error) -> None:
         self.stats.flush_errors += 1
+        self._refused.add(store.run_hash)
         self.reject("flush_failed", f"{store.path}: {exc}; rows kept for the next try", False)
         excess = len(store._steps) - MAX_UNWRITTEN_ROWS
         if excess > 0:
@@ -482,6 +537,7 @@ def serve(collector: Collector) -> int:
         name = signal.Signals(signum).name
         if received:
             log.warning("collector: second signal (%s); exiting without flushing", name)
+            collector.kill_writer()
             os._exit(128 + signum)
         received.append(signum)
         log.info("collector: %s received; stopping, flushing and committing", name)
@@ -494,6 +550,8 @@ def serve(collector: Collector) -> int:
             outcome["committed"] = collector.run()
         except zmq.ZMQError as exc:
             outcome["error"] = exc
+        except WriterError as exc:  # the writer process could not start
+            outcome["writer"] = exc
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     worker = threading.Thread(target=work, name="collector", daemon=True)
@@ -504,6 +562,8 @@ def serve(collector: Collector) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if "writer" in outcome:
+        raise ConfigError(str(outcome["writer"]))
     if "error" in outcome:
         raise ConfigError(f"--bind: cannot listen on {collector.bind!r}: {outcome['error']}")
     return 0 if outcome.get("committed") else 1

@@ -11,11 +11,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import operator
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from pathlib import Path
@@ -37,10 +38,11 @@ MAX_VARIABLES = 16_000  # per multi-row dynamics upsert (SQLite allows 32,766)
 STEP_ROWS_PER_STATEMENT = 16  # measured: 16 rows a statement insert fastest (1 to 256 tried)
 _KEEP_IF_NULL = frozenset(("loss", "val_loss", "lr"))
 # A step's layer_dynamics records built ahead (collector/burst.py): their shape (metrics in
-# EXPERT_METRICS order, layers, experts) and the parameters of layer_cells_sql, the step and then
-# every cell's metrics.
+# EXPERT_METRICS order, layers, experts) and the parameters of layer_cells_sql but the step:
+# every cell's metrics, as float64 bytes, nil as NaN (SQLite stores a bound NaN as NULL). Bytes
+# are made from the burst's arrays at once and cross to the writer process as they are.
 LayerShape = tuple[tuple[str, ...], int, int]
-LayerRows = tuple[LayerShape, list[Any]]
+LayerRows = tuple[LayerShape, bytes]
 
 
 @dataclass(slots=True)  # slots: tens of thousands live between flushes, made and freed fast
@@ -60,14 +62,97 @@ class StepRow:
     world_size: int = 1  # ranks expected when the row was built
     sent_ts: float | None = None  # when its last rank published it (the sender's clock)
     layer_rows: LayerRows | None = None  # per_layer's records, if built ahead
-    mean_values: list[float | None] | None = None  # layer_mean flat, if built ahead
 
     @property
     def n_experts(self) -> int:
         """Every metric of a row has the same number of experts (wire.validate_metrics)."""
-        if self.mean_values is not None:
-            return len(self.mean_values) // len(self.layer_mean)
-        return len(next(iter(self.layer_mean.values()), ()))
+        layer_mean = self.layer_mean
+        if isinstance(layer_mean, Means):  # said at once, without going through the Mapping
+            return layer_mean.n_experts
+        return len(next(iter(layer_mean.values()), ()))
+
+
+class Means(Mapping[str, list[Any]]):
+    """A tier-1 message's layer means, {name: [value per expert]}, over their float64 bytes
+    ([name][expert], as the store writes them; NaN where a mean is None): made at once for a
+    whole burst with numpy, and crossing to the writer process as they are."""
+
+    __slots__ = ("names", "flat", "n_experts")
+
+    def __init__(self, names: tuple[str, ...], flat: bytes, n_experts: int) -> None:
+        self.names = names
+        self.flat = flat
+        self.n_experts = n_experts
+
+    def __getitem__(self, name: str) -> list[Any]:
+        start = self.names.index(name) * self.n_experts
+        values = memoryview(self.flat).cast("d")[start : start + self.n_experts].tolist()
+        return [None if math.isnan(v) else v for v in values]
+
+    def values_flat(self) -> list[Any]:
+        """Every mean as a float, NaN where there is none (SQLite stores a bound NaN as NULL)."""
+        return memoryview(self.flat).cast("d").tolist()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+# A StepRow as the writer process gets it (collector/writer.py): plain values that pickle fast,
+# without what only the collector needs (when it was made, when it was sent).
+WireRow = tuple[Any, ...]
+# A row's own values, in the order of the dynamics columns ("step", *db.STEP_COLUMNS) up to
+# `updated`, and at the head of a WireRow.
+_HEAD = operator.attrgetter(
+    "step", "loss", "val_loss", "lr", "ranks_reported", "rank_spread", "nonfinite"
+)
+
+
+def row_to_wire(row: StepRow) -> WireRow:
+    """What `row_from_wire` makes the same row for writing from: the layer means as names and
+    a flat list if built ahead, the per-layer tables only if their records were not."""
+    if isinstance(row.layer_mean, Means):
+        means: Any = (row.layer_mean.names, row.layer_mean.flat, row.layer_mean.n_experts)
+    else:
+        means = dict(row.layer_mean)
+    per_layer = {} if row.layer_rows is not None else dict(row.per_layer)
+    return (*_HEAD(row), row.world_size, means, per_layer, row.layer_rows)
+
+
+def row_from_wire(values: WireRow) -> StepRow:
+    (
+        step,
+        loss,
+        val_loss,
+        lr,
+        ranks,
+        spread,
+        nonfinite,
+        world_size,
+        means,
+        per_layer,
+        layer_rows,
+    ) = values
+    if type(means) is tuple:
+        means = Means(*means)
+    return StepRow(
+        step,
+        loss,
+        val_loss,
+        lr,
+        ranks,
+        spread,
+        nonfinite,
+        means,
+        per_layer,
+        world_size=world_size,
+        layer_rows=layer_rows,
+    )
 
 
 @dataclass
@@ -267,20 +352,12 @@ class RunStore:
 
     def _step_values(self, row: StepRow, now: float) -> tuple[tuple[str, ...], list[Any]]:
         layer_mean = row.layer_mean
-        names, pick = self._column_plan(tuple(layer_mean), row.n_experts)
-        values: list[Any] = [
-            row.step,
-            row.loss,
-            row.val_loss,
-            row.lr,
-            row.ranks_reported,
-            row.rank_spread,
-            row.nonfinite,
-            now,
-        ]
-        if row.mean_values is not None:  # built ahead, as flat as pick takes them
-            values += pick(row.mean_values)
+        values: list[Any] = [*_HEAD(row), now]
+        if isinstance(layer_mean, Means):  # flat already, as pick takes it
+            names, pick = self._column_plan(layer_mean.names, layer_mean.n_experts)
+            values += pick(layer_mean.values_flat())
             return names, values
+        names, pick = self._column_plan(tuple(layer_mean), row.n_experts)
         if len(set(map(len, layer_mean.values()))) > 1:  # never from validated messages
             return self._ragged_values(layer_mean, values)
         values += pick(list(chain.from_iterable(layer_mean.values())))
@@ -334,11 +411,13 @@ class RunStore:
         cells) with its cells as rows of one multi-row VALUES, a fifth faster in SQLite than
         one statement per cell (measured with bench/collector.py's message shape)."""
         groups: dict[tuple[tuple[str, ...], int], list[list]] = {}
-        built: dict[LayerShape, list[list]] = {}
+        built: dict[LayerShape, tuple[list[int], list[bytes]]] = {}
         for row in rows:
             if row.layer_rows is not None:
-                shape, params = row.layer_rows
-                built.setdefault(shape, []).append(params)
+                shape, data = row.layer_rows
+                steps, datas = built.setdefault(shape, ([], []))
+                steps.append(row.step)
+                datas.append(data)
                 continue
             metrics = tuple(m for m in EXPERT_METRICS if m in row.per_layer)
             if not metrics:
@@ -354,8 +433,18 @@ class RunStore:
                 groups.setdefault((metrics, len(chunk)), []).append(params)
         for (metrics, n_cells), params_list in groups.items():
             self.conn.executemany(_layer_sql(metrics, n_cells), params_list)
-        for shape, params_list in built.items():
-            self.conn.executemany(layer_cells_sql(*shape), params_list)
+        for shape, (steps, datas) in built.items():
+            # Every step's cells made floats in one call; each step's own is bound last.
+            # float64 bytes to Python floats in C, without numpy (not imported by the writer
+            # process: it would be a third of its memory).
+            values = memoryview(b"".join(datas)).cast("d")
+            size = len(values) // len(steps)
+            records: list[list[Any]] = [
+                values[i * size : (i + 1) * size].tolist() for i in range(len(steps))
+            ]
+            for record, step in zip(records, steps, strict=True):
+                record.append(step)
+            self.conn.executemany(layer_cells_sql(*shape), records)
 
     def _write_run(self, updates: dict[str, Any], counts: dict[str, int]) -> None:
         run_hash = self.run_hash
@@ -408,6 +497,9 @@ class RunStore:
         """Flush (raising if that fails: the caller decides), checkpoint and close."""
         self.flush()
         try:
+            # Briefly, as checkpoint() does: a database someone holds locked is left with
+            # its WAL (the next writer folds it back), not waited on for the busy timeout.
+            self.conn.execute(f"PRAGMA busy_timeout={TRUNCATE_BUSY_MS}")
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         except sqlite3.OperationalError as exc:
             log.debug("store: final checkpoint of %s skipped: %s", self.path, exc)
@@ -442,14 +534,15 @@ def _layer_sql(metrics: tuple[str, ...], n_cells: int) -> str:
 
 @functools.cache
 def layer_cells_sql(metrics: tuple[str, ...], n_layers: int, n_experts: int) -> str:
-    """One step's layer_dynamics INSERT with each cell's layer and expert written in the SQL
-    and the step bound once (?1): a third fewer parameters to make and bind than _layer_sql.
-    (Several steps to a statement measured no faster in the collector: the parameter lists
-    must then be joined, which costs what SQLite saves.)"""
+    """One step's layer_dynamics INSERT with each cell's layer and expert written in the SQL,
+    the cells' metrics bound first and the step bound once, last: a third fewer parameters to
+    make and bind than _layer_sql. (Several steps to a statement measured no faster in the
+    collector: the parameter lists must then be joined, which costs what SQLite saves.)"""
     cols = ", ".join(db.quote(c) for c in ("step", "layer", "expert", *metrics))
     k = len(metrics)
+    step = f"?{n_layers * n_experts * k + 1}"
     cells = (
-        f"(?1, {layer}, {expert}, {', '.join(f'?{2 + cell * k + i}' for i in range(k))})"
+        f"({step}, {layer}, {expert}, {', '.join(f'?{1 + cell * k + i}' for i in range(k))})"
         for cell, (layer, expert) in enumerate(
             (la, ex) for la in range(n_layers) for ex in range(n_experts)
         )

@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a step without its missing ranks after this long (default: 30)",
     )
     collect.add_argument(
+        "--writer",
+        choices=("process", "inline"),
+        default="process",
+        help="where SQLite's inserts run: a writer process on another core (default), or "
+        "inline in the receiving loop (one core)",
+    )
+    collect.add_argument(
         "--allow-remote", action="store_true", help="allow binding to a non-loopback address"
     )
     collect.add_argument("--curve-dir", help="folder made by `prismatic keys`: turn on CURVE")
@@ -225,8 +232,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if args.replay:
         from collector.replay import replay_dirs
 
-        replay_dirs([Path(p) for p in args.replay], runs_dir)
-        return 0
+        return 0 if replay_dirs([Path(p) for p in args.replay], runs_dir, args.writer) else 1
     check_address("--bind", args.bind, bind=True)
     if args.bind.startswith("tcp://") and not _is_loopback(args.bind) and not args.allow_remote:
         raise ConfigError(
@@ -244,6 +250,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         rank_timeout_s=args.rank_timeout,
         stale_after_s=args.stale_after,
         curve=curve,
+        writer=args.writer,
     )
     # First SIGTERM/SIGINT: stop, flush, commit, exit 0. A second one: exit at once.
     return serve(collector)

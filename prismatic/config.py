@@ -46,7 +46,7 @@ class ModelConfig:
     n_layers: int = _spec(4, min=1, max=64)
     d_model: int = _spec(256, min=8)
     n_heads: int = _spec(4, min=1)
-    seq_len: int = _spec(128, min=2)
+    seq_len: int = _spec(128, min=2, max=65_536)
     mlp_ratio: int = _spec(4, min=1)
     dropout: float = _spec(0.0, min=0.0, max=0.99)
 
@@ -82,6 +82,7 @@ class DynamicsConfig:
     collector: str = _spec(DEFAULT_COLLECTOR)
     spool: bool = _spec(True)
     send_hwm: int = _spec(10_000, min=1)
+    linger_s: float = _spec(1.0, min=0.0, max=3600.0)
     curve_server_key: str | None = _spec(None)
     curve_client_key_file: str | None = _spec(None)
 
@@ -101,6 +102,7 @@ NON_EXPERIMENT_KEYS = (
     "dynamics.collector",
     "dynamics.spool",
     "dynamics.send_hwm",
+    "dynamics.linger_s",
     "dynamics.curve_server_key",
     "dynamics.curve_client_key_file",
     "train.threads",

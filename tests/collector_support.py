@@ -158,6 +158,21 @@ def db_path(runs_dir: Path, run: str) -> Path:
     return runs_dir / run / db.DB_NAME
 
 
+@contextmanager
+def locked(path: Path, begin: str = "BEGIN IMMEDIATE", wait: bool = True) -> Iterator[None]:
+    """Another process's lock on a database while the block runs (`BEGIN EXCLUSIVE` also keeps
+    readers out); `wait=False`: a busy timeout of 0 for its own begin."""
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        if not wait:
+            blocker.execute("PRAGMA busy_timeout=0")
+        blocker.execute(begin)
+        yield
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+
+
 def steps_in(runs_dir: Path, run: str) -> list[int]:
     return [r[0] for r in query(db_path(runs_dir, run), "SELECT step FROM dynamics ORDER BY step")]
 
@@ -309,6 +324,19 @@ class CollectProcess:
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
+
+    def has_received(self, sock: zmq.Socket) -> None:
+        """Wait until the collector has received everything sent on `sock` so far: send it a
+        message it rejects and wait for the rejection in its log (one socket delivers in
+        order). A signal drops what the collector has not read yet, and a fixed sleep cannot
+        tell a loaded collector has read it. Once per process: a rejection reason is logged
+        at most every 10 s."""
+        send(sock, {"v": 1, "kind": "nope"})
+        wait_for(
+            lambda: any("unknown_kind" in line for line in self.lines),
+            timeout=60,
+            what="the collector to receive what was sent before a rejected marker",
+        )
 
     def wait(self, timeout: float) -> int:
         code = self.proc.wait(timeout)

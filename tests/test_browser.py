@@ -147,9 +147,11 @@ def test_dynamics_chart_draws_its_traces_and_a_live_run_updates_in_place(dashboa
                 ".some(e => e.textContent.trim() === '795')",
                 timeout=60_000,
             )
+            # While Streamlit swaps in the new chart, there is a moment without one: not yet.
             page.wait_for_function(
-                "() => document.querySelector('.js-plotly-plot')._fullData"
-                ".every(t => t._length === 160)",
+                "() => { const gd = document.querySelector('.js-plotly-plot');"
+                " return !!(gd && gd._fullData) && gd._fullData.length === 9"
+                " && gd._fullData.every(t => t._length === 160); }",
                 timeout=30_000,
             )
             assert page.evaluate("() => window.notReloaded === true")

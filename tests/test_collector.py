@@ -141,13 +141,14 @@ def test_a_step_is_written_once_every_rank_reported_or_after_the_rank_timeout(
     tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
 ) -> None:
     address = _address(request)
-    collector = fast_collector(address, tmp_path, context=context, rank_timeout_s=1.0)
+    # Long enough that a loaded machine still writes the complete step 10 before step 20 times out.
+    collector = fast_collector(address, tmp_path, context=context, rank_timeout_s=4.0)
     with running(collector), pusher(context, address) as s:
         send(s, run_start(RUN_A, world_size=2))
         send(s, dynamics(RUN_A, 10, rank=0))
         send(s, dynamics(RUN_A, 10, rank=1))  # complete: written without waiting
         send(s, dynamics(RUN_A, 20, rank=0))  # rank 1 never reports step 20 in time
-        wait_for(lambda: steps_in(tmp_path, RUN_A) == [10], timeout=0.9)
+        wait_for(lambda: steps_in(tmp_path, RUN_A) == [10], timeout=3.5)
         ranks = "SELECT step, ranks_reported FROM dynamics ORDER BY step"
         assert query(db_path(tmp_path, RUN_A), ranks) == [(10, 2)]
 
@@ -251,7 +252,9 @@ def test_silent_runs_go_stale_and_run_end_sets_the_status(
                 ),
                 what=f"{run} {status or 'stale'}",
             )
-        # A stale run that speaks again is live again.
+        # A stale run that speaks again is live again. With a 1 s limit it would be stale again
+        # a second later, before a slow poll saw it live: the limit is long from here on.
+        collector.stale_after_s = 60.0
         send(s, dynamics(RUN_A, 10))
         wait_for(lambda: run_row(tmp_path, RUN_A).get("status") == "live")
     assert run_row(tmp_path, RUN_B)["ended"] is not None

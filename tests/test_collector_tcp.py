@@ -161,6 +161,7 @@ def test_a_second_signal_exits_at_once_even_while_a_flush_waits(
         blocker.execute("BEGIN IMMEDIATE")
         for step in range(10, 20):
             send(sock, dynamics(RUN_A, step))
+        collector.has_received(sock)  # else the signal could find nothing to flush
         time.sleep(1.0)
         collector.signal(signal.SIGTERM)
         time.sleep(1.0)
@@ -190,6 +191,7 @@ def test_the_first_signal_commits_once_the_database_is_free_again(
         blocker.execute("BEGIN IMMEDIATE")
         for step in range(10, 20):
             send(sock, dynamics(RUN_A, step))
+        collector.has_received(sock)  # what the signal finds unreceived is dropped
         time.sleep(1.0)
         collector.signal(signal.SIGTERM)
         time.sleep(2.0)

@@ -88,6 +88,10 @@ def test_overrides_are_parsed_as_yaml_values():
         ("model.num_experts=1", "model.num_experts: 1 is not accepted for router_type prismatic"),
         ("model=[1, 2]", "model: [1, 2] is not accepted; expected a mapping of keys"),
         ("name=", "name: an empty value (null) is not accepted; expected a string"),
+        (
+            "model.seq_len=1280000",
+            "model.seq_len: 1280000 is not accepted; expected an integer >= 2 and <= 65536",
+        ),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_accepted(override, expected):
@@ -157,7 +161,14 @@ def test_run_hash_is_nine_hex_chars_of_the_experiment_only():
     h = run_hash(cfg)
     assert len(h) == 9 and int(h, 16) >= 0
     # Where the run reports and how many threads it uses do not change the experiment...
-    moved = with_values(cfg, **{"dynamics.collector": "tcp://10.0.0.1:6000", "train.threads": 2})
+    moved = with_values(
+        cfg,
+        **{
+            "dynamics.collector": "tcp://10.0.0.1:6000",
+            "train.threads": 2,
+            "dynamics.linger_s": 30,
+        },
+    )
     assert run_hash(moved) == h
     # ...but anything the model or the data sees does.
     assert run_hash(with_values(cfg, **{"model.perturbation_scale": 0.0})) != h

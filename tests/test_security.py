@@ -207,10 +207,12 @@ class CurveCollector:
         return self.log()
 
 
-def publish(address: str, run: str, curve: tuple[bytes, bytes, bytes] | None) -> None:
+def publish(
+    address: str, run: str, curve: tuple[bytes, bytes, bytes] | None, linger_ms: int = 1000
+) -> None:
     """What a trainer does: run_start, 3 probed steps, run_end, through a real publisher."""
     model = build_model(TINY_MODEL, seed=0)
-    publisher = Publisher(address, run, curve=curve)
+    publisher = Publisher(address, run, curve=curve, linger_ms=linger_ms)
     reporter = DynamicsReporter(
         model, address, config={"name": run}, log_freq=1, run_hash=run, publisher=publisher
     )
@@ -241,8 +243,11 @@ def keys(tmp_path: Path) -> Path:
 
 def test_with_curve_only_an_allowed_publisher_writes_and_every_refusal_is_logged(tmp_path, keys):
     collector = CurveCollector(tmp_path, keys)
+    # An allowed publisher's close() waits until its queue is sent: 1 s of handshake time and
+    # 1 s of linger can run out on a loaded machine. A refused one gives up after 1 s.
+    allowed = 30_000
     try:
-        publish(collector.address, "aaaaaaaaa", pair(keys, "trainer"))
+        publish(collector.address, "aaaaaaaaa", pair(keys, "trainer"), linger_ms=allowed)
         publish(
             collector.address,
             "bbbbbbbbb",
@@ -251,7 +256,7 @@ def test_with_curve_only_an_allowed_publisher_writes_and_every_refusal_is_logged
         publish(collector.address, "ccccccccc", None)
         publish(collector.address, "ddddddddd", pair(keys, "trainer", keys / "trainer.key"))
         # A barrier: once this allowed run is stored, the refused ones had their chance.
-        publish(collector.address, "eeeeeeeee", pair(keys, "trainer"))
+        publish(collector.address, "eeeeeeeee", pair(keys, "trainer"), linger_ms=allowed)
         deadline = time.monotonic() + 30
         while collector.steps("eeeeeeeee") != [0, 1, 2]:
             assert time.monotonic() < deadline, collector.log()
@@ -277,6 +282,9 @@ def test_a_real_trainer_with_keys_from_its_config_or_environment_writes_through_
     collector = CurveCollector(tmp_path, keys)
     overrides = ["model.d_model=32", "model.n_layers=1", "model.seq_len=16"]
     overrides += ["train.batch_size=2", "train.steps=3", "dynamics.log_freq=1"]
+    # The spool is out of reach, so what the trainer's exit leaves queued is lost: give a loaded
+    # collector time for the handshake (the trainer still exits as soon as its queue is sent).
+    overrides += ["dynamics.linger_s=60"]
     env = {k: v for k, v in os.environ.items() if k not in (SERVER_KEY_ENV, CLIENT_KEY_ENV)}
     if source == "config":
         overrides += [

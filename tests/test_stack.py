@@ -285,6 +285,55 @@ def test_the_image_runs_as_an_unprivileged_user_who_owns_the_runs_folder():
 # --- beyond one machine ------------------------------------------------------------------------
 
 
+def free_ports(count: int) -> list[int]:
+    """Ports free now, all different: each socket is held until every port is picked."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def wait_listening(port: int, collector: subprocess.Popen) -> None:
+    """Until the collector accepts connections, so that a trainer does not start first."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert collector.poll() is None, "the collector exited"
+            assert time.monotonic() < deadline, "the collector never listened"
+            time.sleep(0.1)
+
+
+def stored(path: Path) -> tuple[list[tuple], tuple | None]:
+    """(step, ranks_reported) rows and (status, world_size) of a dynamics.db; ([], None)
+    while it is not there yet."""
+    if not path.is_file():
+        return [], None
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT step, ranks_reported FROM dynamics ORDER BY step").fetchall()
+        return rows, conn.execute("SELECT status, world_size FROM run").fetchone()
+    except sqlite3.OperationalError:  # the tables are not there yet
+        return [], None
+    finally:
+        conn.close()
+
+
+def wait_stored(path: Path, expected: tuple[list[tuple], tuple]) -> None:
+    """Up to 60 s for the collector to store `expected`: a trainer that exited has sent its
+    messages, but a collector signalled before it read them drops them. (The test's own
+    assertions say what is missing if this runs out.)"""
+    deadline = time.monotonic() + 60
+    while stored(path) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def non_loopback_ip() -> str | None:
     """This machine's address on its network, if it has one (no packet is sent)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -303,19 +352,20 @@ def test_a_trainer_on_another_host_reaches_a_collector_bound_with_allow_remote(t
     ip = non_loopback_ip()
     if ip is None:
         pytest.skip("this machine has no non-loopback address")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     runs = tmp_path / "runs"
     cli = [sys.executable, "-m", "prismatic.cli"]
+    overrides = ["model.d_model=32", "model.n_layers=1", "model.seq_len=16"]
+    overrides += ["train.batch_size=2", "train.steps=4", "dynamics.log_freq=1"]
+    cfg = load_config(REPO / "configs/default.yaml", overrides)
+    db = runs / run_hash(cfg) / "dynamics.db"
     collector = subprocess.Popen(
         [*cli, "collect", "--bind", f"tcp://0.0.0.0:{port}", "--allow-remote"]
         + ["--runs-dir", str(runs)],
         stderr=subprocess.DEVNULL,
     )
     try:
-        overrides = ["model.d_model=32", "model.n_layers=1", "model.seq_len=16"]
-        overrides += ["train.batch_size=2", "train.steps=4", "dynamics.log_freq=1"]
+        wait_listening(port, collector)
         trainer = subprocess.run(
             [*cli, "train", str(REPO / "configs/default.yaml"), "--collector"]
             + [f"tcp://{ip}:{port}", "--runs-dir", str(tmp_path / "trainer-host")]
@@ -325,16 +375,13 @@ def test_a_trainer_on_another_host_reaches_a_collector_bound_with_allow_remote(t
             timeout=300,
         )
         assert trainer.returncode == 0, trainer.stderr
+        wait_stored(db, ([(step, 1) for step in range(4)], ("completed", 1)))
     finally:
         collector.terminate()
         assert collector.wait(30) == 0
-    cfg = load_config(REPO / "configs/default.yaml", overrides)
-    conn = sqlite3.connect(runs / run_hash(cfg) / "dynamics.db")
-    steps = [r[0] for r in conn.execute("SELECT step FROM dynamics ORDER BY step")]
-    status = conn.execute("SELECT status FROM run").fetchone()[0]
-    conn.close()
-    assert steps == [0, 1, 2, 3]
-    assert status == "completed"
+    rows, run = stored(db)
+    assert [r[0] for r in rows] == [0, 1, 2, 3]
+    assert run is not None and run[0] == "completed", run
 
 
 @pytest.mark.slow
@@ -342,12 +389,7 @@ def test_torchrun_across_two_nodes_reports_both_ranks_into_one_run(tmp_path):
     """Two torchrun agents with --nnodes 2 (here both on this machine, each with its own runs
     folder as another host would have) train one data-parallel run; the collector, on its own
     folder, stores every step with both ranks."""
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    rendezvous, collector_port = ports
+    rendezvous, collector_port = free_ports(2)
     runs = tmp_path / "collector-host"
     cli = [sys.executable, "-m", "prismatic.cli"]
     collector = subprocess.Popen(
@@ -356,8 +398,11 @@ def test_torchrun_across_two_nodes_reports_both_ranks_into_one_run(tmp_path):
     )
     overrides = ["train.world_size=2", "model.d_model=32", "model.n_layers=1"]
     overrides += ["model.seq_len=16", "train.batch_size=2", "train.steps=3", "dynamics.log_freq=1"]
+    cfg = load_config(REPO / "configs/default.yaml", overrides)
+    db = runs / run_hash(cfg) / "dynamics.db"
     nodes = []
     try:
+        wait_listening(collector_port, collector)
         for node_rank in (0, 1):
             launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
             launch += ["--node_rank", str(node_rank), "--nproc_per_node", "1"]
@@ -379,16 +424,13 @@ def test_torchrun_across_two_nodes_reports_both_ranks_into_one_run(tmp_path):
         for node in nodes:
             output = node.communicate(timeout=300)[0]
             assert node.returncode == 0, output[-3000:]
+        wait_stored(db, ([(0, 2), (1, 2), (2, 2)], ("completed", 2)))
     finally:
         for node in nodes:
             if node.poll() is None:
                 node.kill()
         collector.terminate()
         assert collector.wait(30) == 0
-    cfg = load_config(REPO / "configs/default.yaml", overrides)
-    conn = sqlite3.connect(runs / run_hash(cfg) / "dynamics.db")
-    rows = conn.execute("SELECT step, ranks_reported FROM dynamics ORDER BY step").fetchall()
-    run = conn.execute("SELECT status, world_size FROM run").fetchone()
-    conn.close()
+    rows, run = stored(db)
     assert rows == [(0, 2), (1, 2), (2, 2)]
     assert run == ("completed", 2)

@@ -103,12 +103,16 @@ def test_bf16_run_completes(tmp_path):
 
 # --- checkpoints and --resume ----------------------------------------------------------------
 
+# Long enough that the run is still going when the tests stop it: they wait for 12 or 25
+# records first, and a test process descheduled for a second or two must not find it done
+# (at 60 steps, about 1 s was left after the 12th record).
+RESUMABLE_STEPS = 250
 RESUMABLE = (
     "model.d_model=64",
     "model.n_layers=2",
     "model.seq_len=64",
     "train.batch_size=8",
-    "train.steps=60",
+    f"train.steps={RESUMABLE_STEPS}",
     "train.checkpoint_every=10",
     "dynamics.log_freq=1",
     "dynamics.collector=tcp://127.0.0.1:9",  # nobody listens: the spool is the record
@@ -150,7 +154,7 @@ def test_interrupted_run_resumes_with_the_same_hash_and_no_duplicate_steps(tmp_p
     assert first.returncode == 130, err  # interrupted (as by Ctrl-C), not completed
     assert "stopping after this step" in err
     stopped_at = checkpoint_step(run_dir)
-    assert 11 <= stopped_at < 59
+    assert 11 <= stopped_at < RESUMABLE_STEPS - 1
     assert dynamics_steps(spool_messages(run_dir))[-1] == stopped_at  # a checkpoint right there
 
     second = start_training(runs, "--resume")
@@ -158,10 +162,10 @@ def test_interrupted_run_resumes_with_the_same_hash_and_no_duplicate_steps(tmp_p
     assert second.returncode == 0, err
     assert [p.name for p in runs.iterdir()] == [run_dir.name]  # the same run, the same hash
     messages = spool_messages(run_dir)
-    assert dynamics_steps(messages) == list(range(60))  # every step once, in order
+    assert dynamics_steps(messages) == list(range(RESUMABLE_STEPS))  # every step once, in order
     ends = [m["status"] for m in messages if m["kind"] == "run_end"]
     assert ends == ["interrupted", "completed"]
-    assert checkpoint_step(run_dir) == 59
+    assert checkpoint_step(run_dir) == RESUMABLE_STEPS - 1
 
 
 @pytest.mark.slow
@@ -179,7 +183,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_repeats_steps_identic
     assert second.returncode == 0, err
     records = [m for m in spool_messages(run_dir) if m["kind"] == "dynamics"]
     after = records[len(published) :]
-    assert [m["step"] for m in after] == list(range(saved + 1, 60))
+    assert [m["step"] for m in after] == list(range(saved + 1, RESUMABLE_STEPS))
     # The steps after the checkpoint are done again from the saved model, optimizer and random
     # state: the very same numbers, so the collector's upsert stores each step once, unchanged.
     for m in after:

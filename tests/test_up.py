@@ -3,6 +3,7 @@ clean stops on SIGTERM (no orphans), and refusals before anything starts."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import socket
@@ -183,6 +184,19 @@ def descendants(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """After a failed test, `up` and whatever it left: its children are in sessions of their
+    own, so killing `up` alone would orphan them (a frozen trainer would stay frozen)."""
+    if proc.poll() is not None:
+        return
+    left = descendants(proc.pid)
+    proc.kill()
+    proc.wait()
+    for child in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
 def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     return alive
@@ -213,8 +227,7 @@ def test_sigterm_stops_trainers_ranks_collector_and_dashboard_with_no_orphans(tm
         code = proc.wait(timeout=60)
         elapsed = time.monotonic() - started
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_tree(proc)
     assert code == 128 + signal.SIGTERM
     assert elapsed < 30, f"took {elapsed:.1f}s to stop"
     assert wait_gone(children, timeout=5) == [], "orphans left behind"
@@ -225,30 +238,46 @@ def test_sigterm_stops_trainers_ranks_collector_and_dashboard_with_no_orphans(tm
 
 @pytest.mark.slow
 def test_a_second_signal_kills_every_child_at_once_even_a_frozen_trainer(tmp_path):
-    proc = subprocess.Popen(
-        up_command(tmp_path / "runs", "configs/default.yaml", steps=100_000),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    (db,) = [
+        tmp_path / "runs" / h / "dynamics.db" for h in hashes("configs/default.yaml", steps=100_000)
+    ]
+    log_path = tmp_path / "up.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            up_command(tmp_path / "runs", "configs/default.yaml", steps=100_000),
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log() -> str:
+        return log_path.read_text()[-3000:]
+
     try:
+        # A trainer frozen in the middle of training: its first steps are stored.
         deadline = time.monotonic() + 120
-        while len(descendants(proc.pid)) < 2:  # the collector and the trainer
-            assert proc.poll() is None and time.monotonic() < deadline
+        while not steps_written(db):
+            assert proc.poll() is None and time.monotonic() < deadline, log()
             time.sleep(0.2)
         children = descendants(proc.pid)
         trainer = next(c for c in children if "train" in c.cmdline())
         trainer.suspend()  # a trainer that will not stop on its own
+        # SIGSTOP takes effect when the kernel next runs the trainer: wait for it. (Frozen
+        # before the interpreter set up its handlers, the trainer would die at once of the
+        # SIGINT below, whose default action kills even a stopped process.)
+        deadline = time.monotonic() + 10
+        while trainer.status() != psutil.STATUS_STOPPED:
+            assert time.monotonic() < deadline, f"the trainer did not stop\n{log()}"
+            time.sleep(0.05)
 
         proc.send_signal(signal.SIGINT)
         time.sleep(2.0)
-        assert proc.poll() is None, "the first signal waits for trainers to stop"
+        assert proc.poll() is None, f"the first signal waits for trainers to stop\n{log()}"
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert code == 128 + signal.SIGINT
+        kill_tree(proc)
+    assert code == 128 + signal.SIGINT, log()
     assert wait_gone(children, timeout=5) == []
 
 

@@ -275,6 +275,7 @@ class Trainer:
             self.dist.rank,
             spool_path=spool,
             send_hwm=self.cfg.dynamics.send_hwm,
+            linger_ms=round(self.cfg.dynamics.linger_s * 1000),
             curve=self._curve(),
         )
         reporter = DynamicsReporter(
