@@ -9,7 +9,11 @@ like the default model's (4 layers x 3 experts, every metric), one run per sende
                publish (the message's own timestamp) to commit, per row.
 
     .venv/bin/python bench/collector.py [--senders 16] [--messages 100000] [--rate 5000]
-                                        [--writer process|inline]
+                                        [--writer process|inline] [--rounds 3]
+
+Phases 1 and 2 run --rounds times, in alternating order (ceiling first, then the collector
+first, ...), so a change in this shared machine's speed between two phases falls on both
+sides: each round gives one ratio, and the result is the median of each (every round printed).
 
 Targets (issue 4): >= 20,000 messages/s committed from 16 senders, >= 25 % of the ceiling,
 p99 <= 500 ms at 5,000 messages/s. The last line printed is one JSON object.
@@ -21,6 +25,8 @@ import argparse
 import json
 import logging
 import random
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -176,6 +182,7 @@ def through_collector(
     wait_all(procs)
     collector.stop()
     thread.join()
+    shutil.rmtree(runs_dir, ignore_errors=True)
     if clock.rows < total:
         raise SystemExit(f"bench: only {clock.rows} of {total} rows were committed")
     return total / (clock.last - first[0]), clock
@@ -198,18 +205,38 @@ def main() -> None:
         default="process",
         help="the collector's writer (prismatic collect --writer)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="ceiling/throughput pairs, alternating order"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     n = args.senders
     per_sender = args.messages // n
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
 
-    ceiling_rate = ceiling(n, per_sender)
-    print(f"ceiling: bare PULL + msgpack decode: {ceiling_rate:,.0f} msg/s", flush=True)
-    committed_rate, _ = through_collector(n, per_sender, 0, args.writer)
+    ceilings: list[float] = []
+    committed: list[float] = []
+    for r in range(args.rounds):
+        # Alternate which phase runs first, so a drift in the machine's speed cancels out.
+        order = ("ceiling", "collector") if r % 2 == 0 else ("collector", "ceiling")
+        for phase in order:
+            if phase == "ceiling":
+                ceilings.append(ceiling(n, per_sender))
+            else:
+                committed.append(through_collector(n, per_sender, 0, args.writer)[0])
+        print(
+            f"round {r + 1}/{args.rounds}: ceiling (bare PULL + msgpack decode) "
+            f"{ceilings[-1]:,.0f} msg/s; {n} senders -> collector ({args.writer} writer) -> "
+            f"SQLite {committed[-1]:,.0f} msg/s committed ({committed[-1] / ceilings[-1]:.1%})",
+            flush=True,
+        )
+    ratios = [c / x for c, x in zip(committed, ceilings, strict=True)]
+    ceiling_rate, committed_rate = statistics.median(ceilings), statistics.median(committed)
+    ratio = statistics.median(ratios)
     print(
-        f"throughput: {n} senders -> collector ({args.writer} writer) -> SQLite: "
-        f"{committed_rate:,.0f} msg/s committed "
-        f"({committed_rate / ceiling_rate:.0%} of the ceiling)",
+        f"throughput: median {committed_rate:,.0f} msg/s committed, ceiling {ceiling_rate:,.0f}, "
+        f"median ratio {ratio:.1%} (rounds: {', '.join(f'{x:.1%}' for x in ratios)})",
         flush=True,
     )
     paced = int(args.rate * args.latency_seconds) // n
@@ -225,9 +252,11 @@ def main() -> None:
             {
                 "committed_per_s": round(committed_rate),
                 "ceiling_per_s": round(ceiling_rate),
-                "ratio_to_ceiling": round(committed_rate / ceiling_rate, 3),
+                "ratio_to_ceiling": round(ratio, 3),
                 "p50_ms": round(p50 * 1000, 1),
                 "p99_ms": round(p99 * 1000, 1),
+                "rounds": args.rounds,
+                "ratio_per_round": [round(x, 3) for x in ratios],
             }
         )
     )
