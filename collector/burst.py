@@ -226,6 +226,7 @@ def _flat_means(plan: _Plan, table: np.ndarray) -> list[bytes]:
             sums += filled[:, :, layer]
         sums += 0.0  # Python's sum() starts at 0: a sum of -0.0s is 0.0
         means = np.where(plan.counts, sums, sums / plan.present)
+    means = _unoverflowed(means, filled, plan.present, plan.counts)
     out = means.reshape(len(table), -1)
     out[:, plan.no_mean] = np.nan  # what else is NaN here: 0/0 where no value, also no mean
     data = np.ascontiguousarray(out).tobytes()
@@ -424,6 +425,22 @@ def _in_range(table: np.ndarray, missing: np.ndarray, names: tuple[str, ...]) ->
     return not (counts and ((table[:, counts] != 0.0) & ~missing[:, counts]).any())
 
 
+def _unoverflowed(
+    means: np.ndarray, filled: np.ndarray, present: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
+    """Where a layer sum overflowed to Inf (finite values near float64's limit), the mean as
+    `aggregate.mean_of` takes it: value / n summed layer by layer, in order."""
+    over = np.isinf(means) & ~counts
+    if not over.any():
+        return means
+    with np.errstate(all="ignore"):
+        alt = filled[:, :, 0] / present
+        for layer in range(1, filled.shape[2]):
+            alt += filled[:, :, layer] / present
+        alt += 0.0
+    return np.where(over, alt, means)
+
+
 def _layer_means(
     table: np.ndarray, missing: np.ndarray, names: tuple[str, ...]
 ) -> list[list[list[float | None]]]:
@@ -439,6 +456,7 @@ def _layer_means(
             sums += filled[:, :, layer]
         sums += 0.0  # Python's sum() starts at 0: a sum of -0.0s is 0.0
         means = np.where(counts, sums, sums / present)
+    means = _unoverflowed(means, filled, present, counts)
     out = means.astype(object)
     out[(present == 0) & ~counts] = None
     return out.tolist()

@@ -81,6 +81,9 @@ class SpoolWatch:
         self._loaded: set[Path] = set()  # run folders whose cursor.json was read
         self._dirty: set[Path] = set()  # run folders with cursors moved since their last save
         self._last_save: dict[Path, float] = {}  # run folder -> when (monotonic)
+        # Runs whose buffered rows were dropped (a flush failed too often): their cursors stay
+        # where they were saved, behind the dropped rows, so a restart or --replay reads them.
+        self._held_back: set[str] = set()
         self._last_scan = -float("inf")
 
     # --- live messages -------------------------------------------------------------------------
@@ -201,7 +204,29 @@ class SpoolWatch:
             self._dirty.discard(run_dir)
 
     def _committed(self, run_hash: str) -> bool:
+        if run_hash in self._held_back:
+            return False
         return not self.c.has_unwritten(run_hash) and not self.c._pending.has_run(run_hash)
+
+    def hold_back(self, run_hash: str) -> None:
+        """Rows of this run were dropped unwritten: never save its cursors again (in this
+        collector's life), so the saved ones still point before the dropped rows."""
+        if run_hash not in self._held_back:
+            self._held_back.add(run_hash)
+            log.error(
+                "gaps: %s's spool cursors are no longer saved: a restarted collector, or "
+                "--replay, reads its spool from the last saved point, dropped rows included",
+                run_hash,
+            )
+
+    def _own(self, run_dir: Path) -> bool:
+        """Whether `run_dir` is in this collector's runs folder. A cursor says what one runs
+        folder's database holds: --replay of a run folder into another runs folder neither
+        trusts nor writes the folder's cursor.json, and reads its spool from the start."""
+        try:
+            return run_dir.parent.resolve() == self.c.runs_dir.resolve()
+        except OSError:
+            return False
 
     # --- cursors -------------------------------------------------------------------------------
 
@@ -220,7 +245,7 @@ class SpoolWatch:
         # The database this collector writes the run to (for --replay of a folder elsewhere,
         # not the folder's own): without it, the rows a saved cursor vouches for are not
         # there, and the spool is read again from the start.
-        if not (self.c.runs_dir / run_dir.name / db.DB_NAME).is_file():
+        if not self._own(run_dir) or not (run_dir / db.DB_NAME).is_file():
             return
         try:
             saved = json.loads(file.read_text(encoding="utf-8"))
@@ -240,8 +265,8 @@ class SpoolWatch:
 
     def _save(self, run_dir: Path) -> None:
         folder = run_dir / SPOOL_DIR
-        if not folder.is_dir():
-            return  # no spool here (a remote trainer): nothing a cursor could point into
+        if not folder.is_dir() or not self._own(run_dir):
+            return  # no spool here (a remote trainer), or another runs folder's: see _own
         offsets = {p.name: c.offset for p, c in self._cursors.items() if p.parent == folder}
         file = folder / CURSOR_NAME
         tmp = folder / f".{CURSOR_NAME}.tmp"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from collector.store import StepRow
-from prismatic.aggregate import combine_ranks, mean_over_layers
+from prismatic.aggregate import combine_ranks, mean_of, mean_over_layers
 
 if TYPE_CHECKING:
     from collector.burst import Prepared
@@ -118,7 +118,7 @@ class PendingSteps:
 
 def _mean(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
+    return mean_of(present, sum(present)) if present else None
 
 
 def build_single(

@@ -75,8 +75,13 @@ def replay_file(collector: Collector, path: Path, start: int = 0) -> Replayed:
     done = Replayed(end=start)
     for raw, end in read_spool(path, start):
         done.messages += 1
+        collector._message_bytes = end - done.end
         done.end = end
         collector.stats.received += 1
+        # Hand rows to the writer as they pile up, as the receiving loop does: a long spool
+        # read at once would otherwise be held in memory whole until the next flush.
+        if collector._buffered >= collector.flush_rows:
+            collector.flush(wait=False)
         try:
             collector.handle(wire.validate(raw))
         except ProtocolError as exc:

@@ -40,7 +40,13 @@ SHUTDOWN_RETRY_S = 10.0  # how long shutdown keeps retrying a flush that failed
 # A run's rows kept in memory while its database refuses writes (locked, disk full); beyond
 # this the oldest are dropped (counted): they are still in the trainers' spool files.
 MAX_UNWRITTEN_ROWS = 100_000
+# A burst's bytes, at most: 5,000 messages of the default model are about 8 MiB; a burst of
+# messages near the 1 MiB limit stops at about 32 of them (their Python objects take ~7x).
+BURST_MAX_BYTES = 32 * 1024 * 1024
 MAX_BACKLOG_FLUSHES = 4  # flushes' worth of rows buffered while the writer is busy, at most
+# ... and the wire bytes behind the rows held for the writer, at most: the default model's 8,000
+# rows are about 10 MB; a model of many layers and experts reaches this in far fewer rows.
+MAX_HELD_BYTES = 32 * 1024 * 1024
 # run_end statuses from several ranks: the run gets the worst one.
 _END_PRIORITY = {"completed": 0, "interrupted": 1, "failed": 2}
 
@@ -108,6 +114,7 @@ class Collector:
         self._runs: dict[str, RunState] = {}
         self._pending = PendingSteps()
         self._buffered = 0  # step rows added to stores since the last flush
+        self._message_bytes = 0  # the wire size of the message being handled (memory bounds)
         self._unwritable: dict[str, float] = {}  # run hash -> when opening its database failed
         self._last_warning: dict[str, float] = {}
         self._checkpoint_turn = 0
@@ -180,13 +187,19 @@ class Collector:
         return sock
 
     def _drain(self, sock: zmq.Socket, limit: int = 5000) -> None:
-        """Receive what is queued (up to `limit`), then handle it as one burst: its messages
-        are checked and averaged together (collector/burst.py), and applied one by one."""
+        """Receive what is queued (up to `limit` messages or BURST_MAX_BYTES), then handle it
+        as one burst: its messages are checked and averaged together (collector/burst.py), and
+        applied one by one."""
         datas = []
+        size = 0
         for _ in range(limit):
             try:
-                datas.append(sock.recv(zmq.NOBLOCK, copy=True))
+                data = sock.recv(zmq.NOBLOCK, copy=True)
             except zmq.Again:
+                break
+            datas.append(data)
+            size += len(data)
+            if size >= BURST_MAX_BYTES:  # big (valid) messages: a burst decodes to ~7x this
                 break
         self._burst = Burst(datas)
         # The cyclic garbage collector would walk the burst's young, acyclic message trees over
@@ -230,6 +243,7 @@ class Collector:
         for run_hash, row in self._pending.pop_all():
             self._add_row(run_hash, row)
         deadline = time.monotonic() + SHUTDOWN_RETRY_S
+        self._writer.hang_limit_s = SHUTDOWN_RETRY_S  # a stopped writer: that long, not 60 s
         while not self.commit_all() and time.monotonic() < deadline:
             time.sleep(0.2)
         unwritten = self.buffered_rows
@@ -261,6 +275,7 @@ class Collector:
     def handle_bytes(self, data: bytes) -> bool:
         """Validate and apply one message; False if it was rejected (and counted)."""
         self.stats.received += 1
+        self._message_bytes = len(data)
         try:
             decoded = self._burst.take(data) if self._burst is not None else None
             message, prepared = decoded or (wire.decode(data), None)
@@ -343,7 +358,7 @@ class Collector:
             state.world_size = max(state.world_size, message["rank"] + 1)
         row = self._pending.add(message, state.world_size, state.shards, prepared)
         if row is not None:
-            store.add_step(row)
+            store.add_step(row, self._message_bytes)
             self._buffered += 1
 
     def _on_run_end(self, run_hash: str, state: RunState, message: dict[str, Any]) -> dict:
@@ -460,7 +475,7 @@ class Collector:
         self._refused = set()
         self._writer.collect()
         self._hand_over()
-        if wait or self.buffered_rows > MAX_BACKLOG_FLUSHES * self.flush_rows:
+        if wait or self._backlogged():
             self._writer.wait()
             self._hand_over()  # the stores whose earlier batch was still in flight
             if wait:
@@ -503,9 +518,26 @@ class Collector:
         self.reject("flush_failed", f"{store.path}: {exc}; rows kept for the next try", False)
         excess = len(store._steps) - MAX_UNWRITTEN_ROWS
         if excess > 0:
+            store.buffered_bytes -= store.buffered_bytes * excess // len(store._steps)
             del store._steps[:excess]
             self.stats.rows_dropped += excess
-            log.error("collector: dropped %d unwritable rows of %s", excess, store.path)
+            log.error(
+                "collector: dropped %d unwritable rows of %s (still in the trainers' spool files)",
+                excess,
+                store.path,
+            )
+            self.spools.hold_back(store.run_hash)
+
+    def _backlogged(self) -> bool:
+        """Whether the writer has fallen so far behind that receiving should wait for it: more
+        than MAX_BACKLOG_FLUSHES flushes' worth of rows, or MAX_HELD_BYTES of the messages
+        behind the rows held (buffered or handed over and unanswered; their Python objects take
+        several times that)."""
+        if self.buffered_rows > MAX_BACKLOG_FLUSHES * self.flush_rows:
+            return True
+        held = self._writer.flying_bytes()
+        held += sum(store.buffered_bytes for store in self._stores.values())
+        return held > MAX_HELD_BYTES
 
     @property
     def buffered_rows(self) -> int:

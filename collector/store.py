@@ -162,6 +162,7 @@ class Batch:
     steps: list[StepRow]
     updates: dict[str, Any]
     counts: dict[str, int]
+    nbytes: int = 0  # the wire size of the messages its steps came from (for memory bounds)
 
 
 class RunStore:
@@ -186,6 +187,7 @@ class RunStore:
             self.conn.close()
             raise SchemaError(f"{self.path}: {exc}") from None
         self._steps: list[StepRow] = []
+        self.buffered_bytes = 0  # wire bytes of the messages behind _steps (Batch.nbytes)
         self._run_updates: dict[str, Any] = {}
         self._run_counts: dict[str, int] = {}
         self.last_write = time.monotonic()
@@ -195,8 +197,9 @@ class RunStore:
 
     # --- buffering -----------------------------------------------------------------------------
 
-    def add_step(self, row: StepRow) -> None:
+    def add_step(self, row: StepRow, nbytes: int = 0) -> None:
         self._steps.append(row)
+        self.buffered_bytes += nbytes
 
     def update_run(self, **values: Any) -> None:
         unknown = set(values) - self._run_columns
@@ -239,8 +242,9 @@ class RunStore:
         """Hand the buffered work over for `write` (`restore()` puts it back if that failed)."""
         if not (self._steps or self._run_updates or self._run_counts):
             return None
-        batch = Batch(self._steps, self._run_updates, self._run_counts)
+        batch = Batch(self._steps, self._run_updates, self._run_counts, self.buffered_bytes)
         self._steps, self._run_updates, self._run_counts = [], {}, {}
+        self.buffered_bytes = 0
         return batch
 
     def write(self, batch: Batch) -> list[StepRow]:
@@ -256,6 +260,7 @@ class RunStore:
     def restore(self, batch: Batch) -> None:
         """Put a batch whose write failed back in front of what was buffered since."""
         self._steps = batch.steps + self._steps
+        self.buffered_bytes += batch.nbytes
         self._run_updates = {**batch.updates, **self._run_updates}
         for key, n in batch.counts.items():
             self._run_counts[key] = self._run_counts.get(key, 0) + n

@@ -65,6 +65,7 @@ class InlineWriter:
     def __init__(self, on_done: OnDone, on_failed: OnFailed) -> None:
         self.on_done = on_done
         self.on_failed = on_failed
+        self.hang_limit_s: float | None = None  # unused: nothing is ever in flight
 
     def submit(self, store: RunStore, batch: Batch) -> None:
         try:
@@ -77,6 +78,9 @@ class InlineWriter:
 
     def busy(self, run_hash: str) -> bool:
         return False
+
+    def flying_bytes(self) -> int:
+        return 0
 
     def collect(self, timeout: float = 0.0) -> None:
         """Nothing is ever in flight."""
@@ -130,6 +134,9 @@ class ProcessWriter:
         self._checked = 0.0  # when the process was last seen alive
         self._progress = 0.0  # when the writer last answered (or got work while idle)
         self._retry_at = 0.0  # no new writer before this (one failed to start)
+        # At shutdown the collector shortens the hang limit to its own retry time, so that a
+        # stopped writer costs that, not WRITE_TIMEOUT_S (`prismatic up` waits 30 s).
+        self.hang_limit_s: float | None = None
         # run hash -> (batch id, store, batch): one batch per run in flight
         self._flying: dict[str, tuple[int, RunStore, Batch]] = {}
         self._by_id: dict[int, str] = {}
@@ -226,9 +233,10 @@ class ProcessWriter:
         batches without answering for WRITE_TIMEOUT_S (then it is killed)."""
         process = self._process
         now = time.monotonic()
-        if process is not None and self._flying and now - self._progress > WRITE_TIMEOUT_S:
+        limit = WRITE_TIMEOUT_S if self.hang_limit_s is None else self.hang_limit_s
+        if process is not None and self._flying and now - self._progress > limit:
             process.kill()
-            self._lost(f"answered nothing for {WRITE_TIMEOUT_S:.0f}s; killed it")
+            self._lost(f"answered nothing for {limit:.0f}s; killed it")
             return False
         if process is None or process.poll() is None:
             self._checked = now
@@ -283,6 +291,10 @@ class ProcessWriter:
 
     def busy(self, run_hash: str) -> bool:
         return run_hash in self._flying
+
+    def flying_bytes(self) -> int:
+        """The wire size of the batches handed over and not yet answered (still held here)."""
+        return sum(batch.nbytes for _, _, batch in self._flying.values())
 
     def collect(self, timeout: float = 0.0) -> None:
         """Take every reply that is there (waiting up to `timeout` for the first)."""

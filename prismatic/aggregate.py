@@ -21,9 +21,19 @@ def _sum(values: Iterable[float]) -> float:
     return reduce(add, values, 0)
 
 
+def mean_of(values: Sequence[float], total: float | None = None) -> float:
+    """The mean of finite values: their sum / n, or where the sum overflows (norms near
+    float64's limit) the sum of value / n, which stays finite. `total`: their sum, if known."""
+    n = len(values)
+    total = _sum(values) if total is None else total
+    if math.isinf(total):
+        return _sum(v / n for v in values)
+    return total / n
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
-    return _sum(present) / len(present) if present else None
+    return mean_of(present) if present else None
 
 
 def mean_over_layers(metrics: dict[str, Table]) -> dict[str, list[float | None]]:
@@ -44,8 +54,7 @@ def mean_over_layers(metrics: dict[str, Table]) -> dict[str, list[float | None]]
         if name in COUNT_METRICS:
             out[name] = list(map(float, sums))
         else:
-            n_layers = len(table)
-            out[name] = [total / n_layers for total in sums]
+            out[name] = [mean_of(col, total) for col, total in zip(columns, sums, strict=True)]
     return out
 
 
@@ -56,7 +65,7 @@ def _column_means(name: str, columns: list[tuple], n_layers: int) -> list[float 
     out: list[float | None] = []
     for column in columns:
         try:
-            out.append(_sum(column) / n_layers)
+            out.append(mean_of(column))
         except TypeError:
             out.append(_mean(column))
     return out
@@ -123,8 +132,12 @@ def _combine(name: str, values: list[float], shards: bool) -> tuple[float | None
         # Shards count disjoint values; data-parallel replicas count the same ones again.
         return float(sum(values) if shards else max(values)), 0.0
     if shards and name in NORM_METRICS:
-        return math.sqrt(sum(v * v for v in values)), 0.0
-    mean = sum(values) / len(values)
+        squares = sum(v * v for v in values)
+        # hypot where the squares overflow: the same norm, without passing through Inf; a norm
+        # beyond float64 itself is no value (None), as an Inf sent in is
+        norm = math.sqrt(squares) if math.isfinite(squares) else math.hypot(*values)
+        return (norm if math.isfinite(norm) else None), 0.0
+    mean = mean_of(values, sum(values))
     if shards or name not in NORM_METRICS or len(values) < 2:
         return mean, 0.0
     scale = abs(mean)

@@ -43,11 +43,11 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not accepted; expected a number of seconds above 0"
+            f"{text!r} is not accepted; expected a finite number of seconds above 0"
         ) from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(
-            f"{text} is not accepted; expected a number of seconds above 0"
+            f"{text} is not accepted; expected a finite number of seconds above 0"
         )
     return value
 

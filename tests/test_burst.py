@@ -294,3 +294,42 @@ def test_tier_1_rows_of_ranks_shards_and_wide_tables_store_what_single_messages_
         expected = _dump(tmp_path / "one" / run / "dynamics.db")
         assert repr(_dump(tmp_path / "many" / run / "dynamics.db")) == repr(expected)
         assert len(expected[0]) == 20
+
+
+def test_layer_means_near_the_float64_limit_are_finite_in_both_paths(tmp_path: Path) -> None:
+    """Finite values whose sum overflows: the mean is still theirs, never Inf (a norm of
+    1.7e308 in every layer averages to 1.7e308), one message at a time and in bursts."""
+    big = 1.7e308
+    messages: list[dict[str, Any]] = [run_start(RUN_A)]
+    for step in range(CHUNK + 2):
+        m = dynamics(RUN_A, step)
+        m["metrics"]["norm"] = [[big, 1.0, 2.0] for _ in range(4)]
+        m["metrics"]["divergence"] = [[None, 1e308, 0.5] for _ in range(4)]
+        messages.append(m)
+    datas = [wire.encode(m) for m in messages]
+    one, many = Collector(runs_dir=tmp_path / "one"), Collector(runs_dir=tmp_path / "many")
+    _feed(one, copy.deepcopy(datas), in_bursts=False)
+    _feed(many, datas, in_bursts=True)
+    for collector in ("one", "many"):
+        conn = sqlite3.connect(tmp_path / collector / RUN_A / "dynamics.db")
+        rows = conn.execute(
+            "SELECT expert_0_clean_norm, expert_1_divergence, expert_2_perturbed_norm FROM dynamics"
+        ).fetchall()
+        conn.close()
+        assert len(rows) == CHUNK + 2
+        assert set(rows) == {(big, 1e308, 2.0)}, collector
+    assert _dump(tmp_path / "one" / RUN_A / "dynamics.db") == _dump(
+        tmp_path / "many" / RUN_A / "dynamics.db"
+    )
+
+
+def test_rank_combining_near_the_float64_limit_stays_finite() -> None:
+    from prismatic.aggregate import combine_ranks
+
+    big = 1.5e308
+    table = [[big, 3e200]]
+    merged, _ = combine_ranks([{"norm": table}, {"norm": table}], shards=False)
+    assert merged["norm"] == [[big, 3e200]]
+    merged, _ = combine_ranks([{"norm": table}, {"norm": table}], shards=True)
+    assert merged["norm"][0][1] == math.hypot(3e200, 3e200)  # squares overflow, hypot does not
+    assert merged["norm"][0][0] is None  # the norm of two 1.5e308 is beyond float64: no value

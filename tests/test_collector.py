@@ -378,3 +378,28 @@ def test_the_database_is_never_locked_for_a_reader(
                 except sqlite3.OperationalError as exc:  # pragma: no cover - the failure
                     pytest.fail(f"reader failed: {exc}")
         wait_for(lambda: len(steps_in(tmp_path, RUN_A)) == 300)
+
+
+def test_rows_held_for_the_writer_are_bounded_by_the_bytes_of_their_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Big (valid) messages make big rows: the receiving loop waits for the writer once the
+    messages behind the rows it holds pass MAX_HELD_BYTES, not only past 8,000 rows."""
+    from collector import service
+    from collector.service import Collector
+
+    data = [wire.encode(dynamics(RUN_A, step)) for step in range(30)]
+    monkeypatch.setattr(service, "MAX_HELD_BYTES", sum(map(len, data[:20])))
+    collector = Collector(runs_dir=tmp_path, writer="inline")
+    collector.handle_bytes(wire.encode(run_start(RUN_A)))
+    for d in data[:20]:
+        collector.handle_bytes(d)
+    at_the_limit = collector._backlogged()
+    collector.handle_bytes(data[20])
+    past_it = collector._backlogged()
+    assert collector.flush()
+    after_flush = collector._backlogged()
+    assert collector.shutdown()
+
+    assert (at_the_limit, past_it, after_flush) == (False, True, False)
+    assert steps_in(tmp_path, RUN_A) == list(range(21))

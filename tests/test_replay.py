@@ -529,3 +529,84 @@ def test_replay_says_so_and_fails_when_it_cannot_commit(tmp_path, monkeypatch, c
     # No cursor was saved past what is missing: the next replay stores it.
     assert replay_dirs([tmp_path / "trainer" / RUN], runs)
     assert stored(runs)["steps"] == list(range(8))
+
+
+def test_a_replay_into_another_runs_folder_leaves_that_folder_s_cursor_alone(tmp_path):
+    """The folder's own collector trusts its cursor.json: a replay elsewhere must not move it
+    past rows its own database never stored."""
+    from collector.replay import replay_dirs
+
+    runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    cursor_file = spool_path(runs / RUN, 0).parent / CURSOR_NAME
+    with publisher(runs) as pub:
+        send_start(pub)
+        send_steps(pub, range(4))
+        assert replay_dirs([runs / RUN], runs)  # runs stores 0-3 and saves its cursor
+        saved = cursor_file.read_text()
+        send_steps(pub, range(4, 9))  # only in the spool: no collector is up
+        send_end(pub)
+    assert replay_dirs([runs / RUN], elsewhere)
+    assert replay_dirs([runs / RUN], elsewhere)  # again: still read from the start, stored once
+
+    assert cursor_file.read_text() == saved
+    assert stored(elsewhere)["steps"] == list(range(9))
+    assert replay_dirs([runs / RUN], runs)
+    assert stored(runs)["steps"] == list(range(9))
+    assert stored(runs)["status"] == "completed"
+
+
+def test_rows_dropped_after_failed_flushes_are_read_again_by_the_next_collector(
+    tmp_path, monkeypatch
+):
+    """Past MAX_UNWRITTEN_ROWS the oldest buffered rows are dropped: the run's cursor must not
+    be saved past them, so that a restarted collector reads them from the spool again."""
+    from collector import service
+
+    path = make_spool(tmp_path, RUN, range(3), age_s=60)
+    first = Collector(runs_dir=tmp_path, writer="inline")
+    first.spools.scan()
+    assert first.commit_all()
+    first.spools.save_committed(force=True)
+    saved = json.loads((path.parent / CURSOR_NAME).read_text())
+    with publisher(tmp_path) as pub:  # 12 more steps, taken in by the next scan
+        send_steps(pub, range(3, 15))
+        send_end(pub)
+    then = time.time() - 60
+    os.utime(path, (then, then))
+
+    monkeypatch.setattr(service, "MAX_UNWRITTEN_ROWS", 5)
+    with locked(tmp_path / RUN / "dynamics.db", "BEGIN EXCLUSIVE"):
+        first.spools.scan()
+        assert not first.flush()  # refused: all but the newest 5 rows are dropped
+    assert first.stats.rows_dropped > 0
+    assert first.commit_all()
+    first.spools.save_committed(force=True)
+    assert first.shutdown()
+    assert json.loads((path.parent / CURSOR_NAME).read_text()) == saved  # not moved
+    assert stored(tmp_path)["steps"] != list(range(15))  # some really are missing
+
+    second = Collector(runs_dir=tmp_path, writer="inline")
+    second.spools.scan()
+    assert second.shutdown()
+    assert stored(tmp_path)["steps"] == list(range(15))
+
+
+def test_a_long_spool_is_handed_to_the_writer_as_it_is_read(tmp_path):
+    """A replay flushes every flush_rows rows, as the receiving loop does, instead of holding
+    the whole spool's rows in memory until it ends."""
+    from collector.replay import replay_file
+
+    path = make_spool(tmp_path, RUN, range(500), age_s=0)
+    collector = Collector(runs_dir=tmp_path / "runs", writer="inline", flush_rows=50)
+    held: list[int] = []
+    handle = collector.handle
+
+    def watching(message, prepared=None):
+        held.append(collector.buffered_rows)
+        return handle(message, prepared)
+
+    collector.handle = watching  # type: ignore[method-assign]
+    replay_file(collector, path)
+    assert collector.shutdown()
+    assert max(held) <= 51
+    assert stored(tmp_path / "runs")["steps"] == list(range(500))

@@ -299,6 +299,38 @@ def test_shutdown_gives_up_on_a_writer_that_hangs(
             process.kill()
 
 
+def test_shutdown_waits_its_own_retry_time_for_a_stopped_writer_not_the_hang_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WRITE_TIMEOUT_S (60 s) is for a writer that falls silent while the collector serves; at
+    shutdown a silent writer costs SHUTDOWN_RETRY_S, so `prismatic up` (which waits 30 s)
+    never has to kill the collector for it."""
+    import collector.service as service
+
+    monkeypatch.setattr(service, "SHUTDOWN_RETRY_S", 3.0)
+    monkeypatch.setattr(writer_module, "STOP_TIMEOUT_S", 2.0)
+    assert writer_module.WRITE_TIMEOUT_S >= 60
+    collector = Collector(runs_dir=tmp_path, writer="process")
+    _send_steps(collector, RUN_A, range(10))
+    assert collector.flush()
+    process = collector._writer._process
+    assert process is not None
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        _send_steps(collector, RUN_A, range(10, 20))
+        collector.stop()
+        began = time.monotonic()
+        finished, out = _in_thread(collector.shutdown, timeout=40)
+        took = time.monotonic() - began
+        assert finished, "shutdown waits on a writer that does not answer"
+        assert took < 30, f"shutdown took {took:.1f}s with a stopped writer"
+        assert out.get("value") is False or steps_in(tmp_path, RUN_A) == list(range(20))
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGCONT)
+            process.kill()
+
+
 # --- 6: LRU eviction, restarts: what held up --------------------------------------------------
 
 
