@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SPOOL_DIR = "spool"
+FLUSH_BYTES = 8 * 1024 * 1024  # a replay hands rows over at least this often (wire bytes)
 
 
 def spool_files(run_dir: Path) -> list[Path]:
@@ -80,7 +81,10 @@ def replay_file(collector: Collector, path: Path, start: int = 0) -> Replayed:
         collector.stats.received += 1
         # Hand rows to the writer as they pile up, as the receiving loop does: a long spool
         # read at once would otherwise be held in memory whole until the next flush.
-        if collector._buffered >= collector.flush_rows:
+        # (and every FLUSH_BYTES of a large model's messages, looked at every 8 messages)
+        if collector._buffered >= collector.flush_rows or (
+            done.messages % 8 == 0 and collector.buffered_bytes > FLUSH_BYTES
+        ):
             collector.flush(wait=False)
         try:
             collector.handle(wire.validate(raw))

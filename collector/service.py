@@ -248,6 +248,12 @@ class Collector:
             time.sleep(0.2)
         unwritten = self.buffered_rows
         committed = unwritten == 0
+        if self.stats.rows_dropped:  # dropped earlier: not in the database either
+            log.error(
+                "collector: %d rows were dropped unwritten (see above); they are still in the "
+                "trainers' spool files: a restarted collector, or --replay, reads them again",
+                self.stats.rows_dropped,
+            )
         for run_hash in list(self._stores):
             # Not one more try for what the retries above could not commit.
             self._close_store(run_hash, force=True, flush=committed)
@@ -268,7 +274,7 @@ class Collector:
             self.stats.rows_written,
             dict(self.stats.rejected) or "none",
         )
-        return committed
+        return committed and not self.stats.rows_dropped
 
     # --- messages ------------------------------------------------------------------------------
 
@@ -535,9 +541,12 @@ class Collector:
         several times that)."""
         if self.buffered_rows > MAX_BACKLOG_FLUSHES * self.flush_rows:
             return True
-        held = self._writer.flying_bytes()
-        held += sum(store.buffered_bytes for store in self._stores.values())
-        return held > MAX_HELD_BYTES
+        return self._writer.flying_bytes() + self.buffered_bytes > MAX_HELD_BYTES
+
+    @property
+    def buffered_bytes(self) -> int:
+        """The wire size of the messages behind the rows buffered in the stores."""
+        return sum(store.buffered_bytes for store in self._stores.values())
 
     @property
     def buffered_rows(self) -> int:

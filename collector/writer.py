@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 WRITERS = ("process", "inline")
 _ROOT = Path(__file__).resolve().parent.parent  # the folder holding collector/ and prismatic/
 START_TIMEOUT_S = 60.0  # the writer process's first reply (an interpreter start and imports)
-STOP_TIMEOUT_S = 30.0  # for the writer to close its databases at the end
+STOP_TIMEOUT_S = 15.0  # for the writer to close its databases at the end
 FOLDER_PREFIX = "prismatic-writer-"  # then the collector's pid, "-", and mkdtemp's letters
 POLL_S = 0.5  # while waiting, how often to check that the writer process is alive
 # A writer holding batches that has answered nothing for this long is taken as hung (a stalled
@@ -137,6 +137,7 @@ class ProcessWriter:
         # At shutdown the collector shortens the hang limit to its own retry time, so that a
         # stopped writer costs that, not WRITE_TIMEOUT_S (`prismatic up` waits 30 s).
         self.hang_limit_s: float | None = None
+        self._cpu: int | None = None  # the writer's CPU time (clock ticks) when last looked at
         # run hash -> (batch id, store, batch): one batch per run in flight
         self._flying: dict[str, tuple[int, RunStore, Batch]] = {}
         self._by_id: dict[int, str] = {}
@@ -234,9 +235,16 @@ class ProcessWriter:
         process = self._process
         now = time.monotonic()
         limit = WRITE_TIMEOUT_S if self.hang_limit_s is None else self.hang_limit_s
+        if process is not None and self._flying:
+            # A writer that uses CPU is committing a large batch, not hung: that counts as
+            # progress. Silent means no reply and no CPU time (stopped, or a stalled disk).
+            cpu = _cpu_ticks(process.pid)
+            if cpu is not None and cpu != self._cpu:
+                self._cpu = cpu
+                self._progress = now
         if process is not None and self._flying and now - self._progress > limit:
             process.kill()
-            self._lost(f"answered nothing for {limit:.0f}s; killed it")
+            self._lost(f"answered nothing and used no CPU for {limit:g}s; killed it")
             return False
         if process is None or process.poll() is None:
             self._checked = now
@@ -389,6 +397,17 @@ def _running(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process
     return True
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """User + system CPU time of a process in clock ticks, from /proc (None where there is
+    no /proc: then only replies count as a writer's progress)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _end(process: subprocess.Popen, timeout: float) -> bool:

@@ -154,21 +154,22 @@ def _shard_divergence(
     for layer in range(n_layers):
         row: list[float | None] = [None]  # expert 0 has no divergence to itself
         for expert in range(1, n_experts):
-            dot = 0.0
+            whole_k, whole_0 = total_norm[layer][expert], total_norm[layer][0]
+            if not whole_k or not whole_0:
+                row.append(None)
+                continue
+            cos = 0.0
             for metrics in per_rank:
                 d = _at(metrics, "divergence", layer, expert)
                 nk = _at(metrics, "norm", layer, expert)
                 n0 = _at(metrics, "norm", layer, 0)
                 if d is None or nk is None or n0 is None:
                     if nk and n0:  # a shard with gradient but no divergence: cannot recombine
-                        dot = math.nan
+                        cos = math.nan
                     continue
-                dot += (1.0 - d) * nk * n0
-            whole_k, whole_0 = total_norm[layer][expert], total_norm[layer][0]
-            if not whole_k or not whole_0 or math.isnan(dot):
-                row.append(None)
-            else:
-                row.append(1.0 - dot / (whole_k * whole_0))
+                # each norm over its whole first: no product of two large norms overflows
+                cos += (1.0 - d) * (nk / whole_k) * (n0 / whole_0)
+            row.append(None if math.isnan(cos) else 1.0 - cos)
         out.append(row[:n_experts])
     return out
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 from collector_support import RUN_A, RUN_B, dynamics, metrics, run_start
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -333,3 +334,7 @@ def test_rank_combining_near_the_float64_limit_stays_finite() -> None:
     merged, _ = combine_ranks([{"norm": table}, {"norm": table}], shards=True)
     assert merged["norm"][0][1] == math.hypot(3e200, 3e200)  # squares overflow, hypot does not
     assert merged["norm"][0][0] is None  # the norm of two 1.5e308 is beyond float64: no value
+    # shards' divergence recombined from large norms: no product of two norms overflows
+    shard = {"norm": [[1e200, 1e200]], "divergence": [[None, 0.5]]}
+    merged, _ = combine_ranks([shard, shard], shards=True)
+    assert merged["divergence"][0][1] == pytest.approx(0.5)

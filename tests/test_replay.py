@@ -581,7 +581,7 @@ def test_rows_dropped_after_failed_flushes_are_read_again_by_the_next_collector(
     assert first.stats.rows_dropped > 0
     assert first.commit_all()
     first.spools.save_committed(force=True)
-    assert first.shutdown()
+    assert not first.shutdown()  # rows were dropped: not a clean exit (prismatic collect: 1)
     assert json.loads((path.parent / CURSOR_NAME).read_text()) == saved  # not moved
     assert stored(tmp_path)["steps"] != list(range(15))  # some really are missing
 
@@ -610,3 +610,26 @@ def test_a_long_spool_is_handed_to_the_writer_as_it_is_read(tmp_path):
     assert collector.shutdown()
     assert max(held) <= 51
     assert stored(tmp_path / "runs")["steps"] == list(range(500))
+
+
+def test_a_spool_of_large_messages_is_handed_over_by_bytes_too(tmp_path, monkeypatch):
+    """A large model's messages are big: a replay hands its rows to the writer every
+    FLUSH_BYTES of them, not only every flush_rows rows."""
+    from collector import replay
+
+    path = make_spool(tmp_path, RUN, range(100), age_s=0)
+    size = path.stat().st_size // 102
+    monkeypatch.setattr(replay, "FLUSH_BYTES", 4 * size)
+    collector = Collector(runs_dir=tmp_path / "runs", writer="inline", flush_rows=10_000)
+    held: list[int] = []
+    handle = collector.handle
+
+    def watching(message, prepared=None):
+        held.append(collector.buffered_rows)
+        return handle(message, prepared)
+
+    collector.handle = watching  # type: ignore[method-assign]
+    replay.replay_file(collector, path)
+    assert collector.shutdown()
+    assert max(held) <= 4 + 8 + 1  # FLUSH_BYTES' worth, looked at every 8 messages
+    assert stored(tmp_path / "runs")["steps"] == list(range(100))

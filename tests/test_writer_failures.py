@@ -331,6 +331,29 @@ def test_shutdown_waits_its_own_retry_time_for_a_stopped_writer_not_the_hang_lim
             process.kill()
 
 
+def test_a_writer_busy_with_a_large_batch_is_not_taken_for_a_hung_one(tmp_path: Path) -> None:
+    """Silent means no reply and no CPU time: a writer committing a batch for longer than the
+    hang limit, using CPU all along, is left to finish (it was killed and restarted forever)."""
+    collector = Collector(runs_dir=tmp_path, writer="process")
+    collector._writer.start()
+    collector._writer.hang_limit_s = 0.2  # far less than the batch below takes to commit
+    big = {name: [[0.5] * 256 for _ in range(64)] for name in ("norm", "top_norm")}
+    _send_steps(collector, RUN_A, range(1))
+    assert collector.flush()
+    for step in range(1, 25):  # 24 steps x 16,384 layer rows: seconds of SQLite
+        message = dynamics(RUN_A, step)
+        message["metrics"] = big
+        collector.handle_bytes(wire.encode(message))
+    began = time.monotonic()
+    assert collector.flush()
+    took = time.monotonic() - began
+    restarts = collector._writer.restarts
+    assert collector.shutdown()
+    assert took > 0.4, f"the batch took {took:.2f}s: too short to show anything"
+    assert restarts == 0
+    assert steps_in(tmp_path, RUN_A) == list(range(25))
+
+
 # --- 6: LRU eviction, restarts: what held up --------------------------------------------------
 
 
