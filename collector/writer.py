@@ -235,9 +235,10 @@ class ProcessWriter:
         process = self._process
         now = time.monotonic()
         limit = WRITE_TIMEOUT_S if self.hang_limit_s is None else self.hang_limit_s
-        if process is not None and self._flying:
+        if process is not None and self._flying and now - self._progress > min(POLL_S, limit / 2):
             # A writer that uses CPU is committing a large batch, not hung: that counts as
             # progress. Silent means no reply and no CPU time (stopped, or a stalled disk).
+            # (Looked at only once a reply is overdue: most batches are answered sooner.)
             cpu = _cpu_ticks(process.pid)
             if cpu is not None and cpu != self._cpu:
                 self._cpu = cpu
