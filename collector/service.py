@@ -40,12 +40,13 @@ SHUTDOWN_RETRY_S = 10.0  # how long shutdown keeps retrying a flush that failed
 # A run's rows kept in memory while its database refuses writes (locked, disk full); beyond
 # this the oldest are dropped (counted): they are still in the trainers' spool files.
 MAX_UNWRITTEN_ROWS = 100_000
-# A burst's bytes, at most: 5,000 messages of the default model are about 8 MiB; a burst of
+# A burst's bytes, at most: 5,000 messages of the default model are about 5 MB (1,023 bytes
+# each, measured on bench/collector.py's messages); a burst of
 # messages near the 1 MiB limit stops at about 32 of them (their Python objects take ~7x).
 BURST_MAX_BYTES = 32 * 1024 * 1024
 MAX_BACKLOG_FLUSHES = 4  # flushes' worth of rows buffered while the writer is busy, at most
 # ... and the wire bytes behind the rows held for the writer, at most: the default model's 8,000
-# rows are about 10 MB; a model of many layers and experts reaches this in far fewer rows.
+# rows are about 8 MB; a model of many layers and experts reaches this in far fewer rows.
 MAX_HELD_BYTES = 32 * 1024 * 1024
 # run_end statuses from several ranks: the run gets the worst one.
 _END_PRIORITY = {"completed": 0, "interrupted": 1, "failed": 2}

@@ -591,13 +591,8 @@ def test_rows_dropped_after_failed_flushes_are_read_again_by_the_next_collector(
     assert stored(tmp_path)["steps"] == list(range(15))
 
 
-def test_a_long_spool_is_handed_to_the_writer_as_it_is_read(tmp_path):
-    """A replay flushes every flush_rows rows, as the receiving loop does, instead of holding
-    the whole spool's rows in memory until it ends."""
-    from collector.replay import replay_file
-
-    path = make_spool(tmp_path, RUN, range(500), age_s=0)
-    collector = Collector(runs_dir=tmp_path / "runs", writer="inline", flush_rows=50)
+def rows_held_at_each_message(collector: Collector) -> list[int]:
+    """The rows the collector holds as each message is handled (filled in as it handles)."""
     held: list[int] = []
     handle = collector.handle
 
@@ -606,6 +601,17 @@ def test_a_long_spool_is_handed_to_the_writer_as_it_is_read(tmp_path):
         return handle(message, prepared)
 
     collector.handle = watching  # type: ignore[method-assign]
+    return held
+
+
+def test_a_long_spool_is_handed_to_the_writer_as_it_is_read(tmp_path):
+    """A replay flushes every flush_rows rows, as the receiving loop does, instead of holding
+    the whole spool's rows in memory until it ends."""
+    from collector.replay import replay_file
+
+    path = make_spool(tmp_path, RUN, range(500), age_s=0)
+    collector = Collector(runs_dir=tmp_path / "runs", writer="inline", flush_rows=50)
+    held = rows_held_at_each_message(collector)
     replay_file(collector, path)
     assert collector.shutdown()
     assert max(held) <= 51
@@ -621,14 +627,7 @@ def test_a_spool_of_large_messages_is_handed_over_by_bytes_too(tmp_path, monkeyp
     size = path.stat().st_size // 102
     monkeypatch.setattr(replay, "FLUSH_BYTES", 4 * size)
     collector = Collector(runs_dir=tmp_path / "runs", writer="inline", flush_rows=10_000)
-    held: list[int] = []
-    handle = collector.handle
-
-    def watching(message, prepared=None):
-        held.append(collector.buffered_rows)
-        return handle(message, prepared)
-
-    collector.handle = watching  # type: ignore[method-assign]
+    held = rows_held_at_each_message(collector)
     replay.replay_file(collector, path)
     assert collector.shutdown()
     assert max(held) <= 4 + 8 + 1  # FLUSH_BYTES' worth, looked at every 8 messages

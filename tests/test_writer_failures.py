@@ -3,6 +3,7 @@ writers, leftover folders, shutdown under a lock. Real processes, sockets and fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -268,6 +269,25 @@ def test_a_second_signal_leaves_no_writer_folder_behind(tmp_path: Path) -> None:
 # --- 5: a writer that hangs --------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def stopped_writer(collector: Collector) -> Iterator[None]:
+    """Steps 0-9 of RUN_A committed, then the writer process SIGSTOPped with steps 10-19
+    buffered and the collector told to stop; the writer is ended afterwards, whatever happened."""
+    _send_steps(collector, RUN_A, range(10))
+    assert collector.flush()
+    process = collector._writer._process
+    assert process is not None
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        _send_steps(collector, RUN_A, range(10, 20))
+        collector.stop()
+        yield
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGCONT)
+            process.kill()
+
+
 def test_shutdown_gives_up_on_a_writer_that_hangs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -280,23 +300,12 @@ def test_shutdown_gives_up_on_a_writer_that_hangs(
     # the fix's hang limit (absent before it)
     monkeypatch.setattr(writer_module, "WRITE_TIMEOUT_S", 3.0, raising=False)
     collector = Collector(runs_dir=tmp_path, writer="process")
-    _send_steps(collector, RUN_A, range(10))
-    assert collector.flush()
-    process = collector._writer._process
-    assert process is not None
-    os.kill(process.pid, signal.SIGSTOP)
-    try:
-        _send_steps(collector, RUN_A, range(10, 20))
-        collector.stop()
+    with stopped_writer(collector):
         finished, out = _in_thread(collector.shutdown, timeout=20)
         print("shutdown finished:", finished, out)
         assert finished, "shutdown waits forever on a writer that does not answer"
         # committed by a new writer, or said not to be
         assert out.get("value") is False or steps_in(tmp_path, RUN_A) == list(range(20))
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGCONT)
-            process.kill()
 
 
 def test_shutdown_waits_its_own_retry_time_for_a_stopped_writer_not_the_hang_limit(
@@ -311,24 +320,13 @@ def test_shutdown_waits_its_own_retry_time_for_a_stopped_writer_not_the_hang_lim
     monkeypatch.setattr(writer_module, "STOP_TIMEOUT_S", 2.0)
     assert writer_module.WRITE_TIMEOUT_S >= 60
     collector = Collector(runs_dir=tmp_path, writer="process")
-    _send_steps(collector, RUN_A, range(10))
-    assert collector.flush()
-    process = collector._writer._process
-    assert process is not None
-    os.kill(process.pid, signal.SIGSTOP)
-    try:
-        _send_steps(collector, RUN_A, range(10, 20))
-        collector.stop()
+    with stopped_writer(collector):
         began = time.monotonic()
         finished, out = _in_thread(collector.shutdown, timeout=40)
         took = time.monotonic() - began
         assert finished, "shutdown waits on a writer that does not answer"
         assert took < 30, f"shutdown took {took:.1f}s with a stopped writer"
         assert out.get("value") is False or steps_in(tmp_path, RUN_A) == list(range(20))
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGCONT)
-            process.kill()
 
 
 def test_a_writer_busy_with_a_large_batch_is_not_taken_for_a_hung_one(tmp_path: Path) -> None:
