@@ -60,11 +60,18 @@ class Chores:
     def _mark_stale(self) -> None:
         c = self.c
         cutoff = time.time() - c.stale_after_s
-        for run_hash, state in c._runs.items():
-            if state.status == "live" and state.last_seen < cutoff:
-                state.status = "stale"
-                self._guarded(lambda h: c._store(h).update_run(status="stale"), run_hash)
-                log.info("collector: run %s is stale (silent for %.0fs)", run_hash, c.stale_after_s)
+        for run_hash, state in list(c._runs.items()):
+            if state.status != "live" or state.last_seen >= cutoff:
+                continue
+            if run_hash not in c._stores and not c.has_database(run_hash):
+                # Its folder was deleted while it was silent: forget it rather than bring the
+                # folder back as an empty, nameless run. A new message creates it again.
+                del c._runs[run_hash]
+                log.info("collector: run %s: its database was removed; forgotten", run_hash)
+                continue
+            state.status = "stale"
+            self._guarded(lambda h: c._store(h).update_run(status="stale"), run_hash)
+            log.info("collector: run %s is stale (silent for %.0fs)", run_hash, c.stale_after_s)
 
     def _close_idle(self, now: float) -> None:
         c = self.c

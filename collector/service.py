@@ -305,13 +305,13 @@ class Collector:
         SchemaError when the run's database cannot be written.
         """
         run_hash = message["run"]
+        kind = message["kind"]
+        if kind == wire.KIND_RUN_START:  # before the store opens: it must not create its run
+            self._check_rank(run_hash, message["rank"], message["world_size"])
         store = self._store(run_hash)
         state = self._runs[run_hash]
-        kind = message["kind"]
-        world_size = message["world_size"] if kind == wire.KIND_RUN_START else state.world_size
-        if message["rank"] >= world_size and (state.declared or kind == wire.KIND_RUN_START):
-            store.count("rejected")
-            raise ProtocolError("bad_rank", f"rank {message['rank']} of {world_size} ranks")
+        if kind != wire.KIND_RUN_START and state.declared:
+            self._check_rank(run_hash, message["rank"], state.world_size)
         state.last_seen = time.time()
         state.unflushed_messages += 1
         if state.status == "stale":
@@ -323,6 +323,18 @@ class Collector:
             store.update_run(**self._on_run_start(state, message))
         else:
             store.update_run(**self._on_run_end(run_hash, state, message))
+
+    def _check_rank(self, run_hash: str, rank: int, world_size: int) -> None:
+        """Raise ProtocolError("bad_rank") for a rank outside the world size, counted in the
+        run's `rejected` if the run exists (a rejected message never creates one)."""
+        if rank < world_size:
+            return
+        if run_hash in self._stores or self.has_database(run_hash):
+            self._store(run_hash).count("rejected")
+        raise ProtocolError("bad_rank", f"rank {rank} of {world_size} ranks")
+
+    def has_database(self, run_hash: str) -> bool:
+        return (self.runs_dir / run_hash / db.DB_NAME).exists()
 
     def _on_run_start(self, state: RunState, message: dict[str, Any]) -> dict[str, Any]:
         state.world_size = message["world_size"]

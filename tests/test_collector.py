@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -361,6 +362,28 @@ def test_rejected_ranks_outside_the_declared_world(
             wait_for(lambda: steps_in(tmp_path, RUN_A) == [10])
     assert collector.stats.rejected == {"bad_rank": 2}
     assert run_row(tmp_path, RUN_A)["rejected"] == 1
+    assert not (tmp_path / RUN_B).exists()  # a rejected run_start creates no run
+
+
+def test_a_run_whose_folder_was_removed_is_not_brought_back_by_going_stale(
+    tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
+) -> None:
+    address = _address(request)
+    collector = fast_collector(
+        address, tmp_path, context=context, stale_after_s=1.0, idle_close_s=0.2
+    )
+    with running(collector), pusher(context, address) as s:
+        send(s, run_start(RUN_A))
+        send(s, dynamics(RUN_A, 0))
+        send(s, run_start(RUN_B))
+        wait_for(lambda: steps_in(tmp_path, RUN_A) == [0])
+        wait_for(lambda: not collector._stores, what="idle databases closed")
+        shutil.rmtree(tmp_path / RUN_A)  # the user deletes a run it no longer wants
+        wait_for(lambda: run_row(tmp_path, RUN_B).get("status") == "stale")
+        wait_for(lambda: RUN_A not in collector._runs, what="the removed run forgotten")
+        assert not (tmp_path / RUN_A).exists()
+        send(s, dynamics(RUN_A, 10))  # a trainer that speaks again creates it again
+        wait_for(lambda: steps_in(tmp_path, RUN_A) == [10])
 
 
 def test_the_database_is_never_locked_for_a_reader(
