@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 # The WAL is checkpointed harder (TRUNCATE, waiting this long for readers) once it outgrows the
 # journal size limit: a passive checkpoint alone can be starved by readers that never pause.
 TRUNCATE_BUSY_MS = 200
+# Readers whose transactions overlap without a break (several dashboards scanning a long run)
+# outlast a 200 ms wait every time, and the WAL grows without bound (221 MB measured, 50,000
+# steps of 16 layers x 8 experts, two readers). Past this size the TRUNCATE waits as long as
+# a long scan: it holds back this run's writes meanwhile, while new readers go on.
+WAL_HARD_LIMIT = 8 * db.JOURNAL_SIZE_LIMIT
+FORCED_TRUNCATE_BUSY_MS = 5000
 _COUNTERS = ("messages", "rejected")
 # Layer cells per INSERT: 256 x 11 parameters stays far below SQLite's 32,766 variables.
 CELLS_PER_STATEMENT = 256
@@ -484,13 +490,17 @@ class RunStore:
 
         A passive checkpoint never waits. If the WAL has still outgrown the journal size limit
         (a reader held an old snapshot while it grew), a TRUNCATE checkpoint waits briefly for
-        readers to move on and empties the file. A reader that never ends its transaction pins
-        the WAL whatever the writer does; the dashboard reads in short transactions.
+        readers to move on and empties the file, longer past WAL_HARD_LIMIT. A reader that never
+        ends its transaction pins the WAL whatever the writer does; the dashboard reads in short
+        transactions.
         """
         try:
             self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if self.wal_bytes > db.JOURNAL_SIZE_LIMIT:
-                self.conn.execute(f"PRAGMA busy_timeout={TRUNCATE_BUSY_MS}")
+            wal_bytes = self.wal_bytes
+            if wal_bytes > db.JOURNAL_SIZE_LIMIT:
+                hard = wal_bytes > WAL_HARD_LIMIT
+                busy_ms = FORCED_TRUNCATE_BUSY_MS if hard else TRUNCATE_BUSY_MS
+                self.conn.execute(f"PRAGMA busy_timeout={busy_ms}")
                 try:
                     self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                 finally:

@@ -4,12 +4,14 @@ flush failures, and SQLite settings (WAL, busy timeout, bounded WAL) on real fil
 from __future__ import annotations
 
 import sqlite3
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from collector_support import RUN_A, dynamics, metrics
 
+from collector import store as store_module
 from collector.ranks import build_single
 from collector.store import RunStore, StepRow
 from prismatic import db
@@ -256,5 +258,39 @@ def test_the_wal_comes_back_under_its_limit_once_a_slow_reader_moves_on(tmp_path
         assert reader.execute("SELECT max(step) FROM dynamics").fetchone()[0] == step - 1
         store.checkpoint()
         assert store.wal_bytes <= db.JOURNAL_SIZE_LIMIT, store.wal_bytes
+    reader.close()
+    store.close()
+
+
+def test_past_the_hard_limit_the_checkpoint_waits_for_a_long_read_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers that overlap without a pause outlast the short wait every time; past the hard
+    limit the checkpoint waits for a read as long as a long scan, and empties the WAL."""
+    store = RunStore(tmp_path / RUN_A)
+    template = _row(0)
+    reader = db.connect_reader(store.path)
+    reader.isolation_level = None
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM dynamics").fetchone()
+    step = 0
+    while store.wal_bytes <= db.JOURNAL_SIZE_LIMIT:
+        for _ in range(500):
+            store.add_step(replace(template, step=step))
+            step += 1
+        store.flush()
+
+    # Under the hard limit: a 200 ms wait, and the read still going on keeps the WAL.
+    store.checkpoint()
+    assert store.wal_bytes > db.JOURNAL_SIZE_LIMIT
+
+    # Past it (lowered here, so the test need not write 64 MiB): the read ends a second later,
+    # while the checkpoint waits.
+    monkeypatch.setattr(store_module, "WAL_HARD_LIMIT", db.JOURNAL_SIZE_LIMIT)
+    ends = threading.Timer(1.0, reader.execute, ("COMMIT",))
+    ends.start()
+    store.checkpoint()
+    ends.join()
+    assert store.wal_bytes == 0, store.wal_bytes
     reader.close()
     store.close()
