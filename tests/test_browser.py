@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from dashboard_fixtures import step_row, synthetic_metrics, synthetic_rows, write_run
+from net_support import free_port
 
 from collector.store import RunStore
 
@@ -55,12 +55,6 @@ def _browser_or_skip():
             pytest.fail(f"PRISMATIC_REQUIRE_BROWSER=1 but {missing}")
         pytest.skip(missing)
     return sync_playwright
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float = 90) -> None:

@@ -1,6 +1,6 @@
 """The collector over in-process sockets: layer means and the long table, several runs and ranks
-at once, the rank timeout, the shard rule, duplicates and reordering, restarts, stale runs and
-end statuses, bounded file handles, and its logs."""
+at once, the rank timeout, the shard rule, duplicates and reordering, restarts (these five over
+real TCP too), stale runs and end statuses, bounded file handles, and its logs."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ from collector_support import (
     steps_in,
     wait_for,
 )
+from net_support import free_port
 
+from collector import service
 from prismatic import db, wire
 
 
@@ -44,6 +46,14 @@ def context() -> zmq.Context:
 
 def _address(request: pytest.FixtureRequest) -> str:
     return f"inproc://{request.node.name}"
+
+
+@pytest.fixture(params=["inproc", "tcp"])
+def address(request: pytest.FixtureRequest) -> str:
+    """The aggregation scenarios run over in-process sockets and over real TCP on loopback."""
+    if request.param == "tcp":
+        return f"tcp://127.0.0.1:{free_port()}"
+    return _address(request)
 
 
 def _mean(values: list[float]) -> float:
@@ -95,10 +105,7 @@ def _columns_and_row(path: Path, step: int) -> tuple[list[str], tuple]:
     return columns, next(r for r in rows if r[0] == step)
 
 
-def test_several_runs_and_ranks_at_once(
-    tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
-) -> None:
-    address = _address(request)
+def test_several_runs_and_ranks_at_once(tmp_path: Path, context: zmq.Context, address: str) -> None:
     worlds = {RUN_A: 1, RUN_B: 2, RUN_C: 3}
     steps = range(0, 200, 10)
     with running(fast_collector(address, tmp_path, context=context)) as collector:
@@ -139,9 +146,8 @@ def test_several_runs_and_ranks_at_once(
 
 
 def test_a_step_is_written_once_every_rank_reported_or_after_the_rank_timeout(
-    tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
+    tmp_path: Path, context: zmq.Context, address: str
 ) -> None:
-    address = _address(request)
     # Long enough that a loaded machine still writes the complete step 10 before step 20 times out.
     collector = fast_collector(address, tmp_path, context=context, rank_timeout_s=4.0)
     with running(collector), pusher(context, address) as s:
@@ -165,9 +171,8 @@ def test_a_step_is_written_once_every_rank_reported_or_after_the_rank_timeout(
 
 
 def test_a_run_that_declares_shards_combines_norms_as_root_sum_of_squares(
-    tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
+    tmp_path: Path, context: zmq.Context, address: str
 ) -> None:
-    address = _address(request)
     with running(fast_collector(address, tmp_path, context=context)), pusher(context, address) as s:
         send(s, run_start(RUN_A, world_size=2, shards=True))
         for rank in range(2):
@@ -185,9 +190,8 @@ def test_a_run_that_declares_shards_combines_norms_as_root_sum_of_squares(
 
 
 def test_duplicates_and_reordering_store_each_step_once(
-    tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
+    tmp_path: Path, context: zmq.Context, address: str
 ) -> None:
-    address = _address(request)
     order = [s for s in range(0, 500, 10)] * 3
     random.Random(3).shuffle(order)
     with running(fast_collector(address, tmp_path, context=context)), pusher(context, address) as s:
@@ -203,9 +207,8 @@ def test_duplicates_and_reordering_store_each_step_once(
 
 
 def test_a_restarted_collector_continues_the_same_database(
-    tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
+    tmp_path: Path, context: zmq.Context, address: str
 ) -> None:
-    address = _address(request)
     with running(fast_collector(address, tmp_path, context=context)), pusher(context, address) as s:
         send(s, run_start(RUN_A, world_size=2))
         for step in range(0, 100, 10):
@@ -346,6 +349,55 @@ def test_lifecycle_logs_without_a_line_per_message(
     assert any("unknown_kind" in line for line in lines)
     assert "stopped; 2002 messages, 2000 rows written" in lines[-1]
     assert len(lines) < 60, lines  # periodic lines, not one per message
+
+
+def test_rejections_are_counted_each_time_and_warned_once_per_reason_and_interval(
+    tmp_path: Path,
+    context: zmq.Context,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service, "WARN_INTERVAL_S", 3600.0)  # however slow this machine is
+    address = _address(request)
+    collector = fast_collector(address, tmp_path, context=context)
+    with running(collector), pusher(context, address) as s:
+        for _ in range(500):
+            send(s, {"v": 1, "kind": "nope"})
+            s.send(b"\xc1 not msgpack")
+        wait_for(lambda: collector.stats.received == 1000)
+    assert collector.stats.rejected == {"unknown_kind": 500, "bad_msgpack": 500}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert {w.split(":")[1].strip() for w in warnings} == {"unknown_kind", "bad_msgpack"}
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_the_design_notes_nested_dict_is_stored_under_its_column_names(
+    tmp_path: Path, context: zmq.Context, address: str
+) -> None:
+    """A user on the design note's manual path sends its dict as is."""
+    message = dynamics(RUN_A, 10)
+    del message["metrics"]
+    message["expert_gradients"] = {
+        "expert_0": {"top_norm": 1.0, "bottom_norm": 0.1, "middle_norm": 2.0, "clean_norm": 3.0},
+        "expert_1": {
+            "top_norm": 1.5,
+            "bottom_norm": 0.4,
+            "middle_norm": 2.0,
+            "perturbed_norm": 3.5,
+        },
+    }
+    message["divergence_scores"] = {"expert_1_divergence": 0.07}
+    with running(fast_collector(address, tmp_path, context=context)), pusher(context, address) as s:
+        send(s, message)
+        wait_for(lambda: steps_in(tmp_path, RUN_A) == [10])
+    stored = dict(zip(*_columns_and_row(db_path(tmp_path, RUN_A), 10), strict=True))
+    assert stored["expert_0_clean_norm"] == 3.0
+    assert stored["expert_1_perturbed_norm"] == 3.5
+    assert stored["expert_1_bottom_norm"] == 0.4
+    assert stored["expert_1_divergence"] == 0.07
+    assert stored["expert_0_bottom_norm"] == 0.1
 
 
 def test_rejected_ranks_outside_the_declared_world(

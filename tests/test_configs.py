@@ -4,11 +4,11 @@ name says, and trains end to end on a tiny model."""
 from __future__ import annotations
 
 import io
-import socket
 from pathlib import Path
 
 import msgpack
 import pytest
+from net_support import free_port
 
 from prismatic.config import load_config, run_hash, to_dict
 from prismatic.up import STACK_FILE
@@ -77,12 +77,6 @@ def test_every_config_stays_on_loopback_by_default():
         assert load_config(path).dynamics.collector == "tcp://127.0.0.1:5557", path.name
 
 
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_every_config_trains_a_few_tiny_steps(path, tmp_path):
@@ -92,7 +86,7 @@ def test_every_config_trains_a_few_tiny_steps(path, tmp_path):
 
     overrides = [*TINY, "train.world_size=1"]  # torchrun's ranks are covered in test_up.py
     cfg = load_config(path, overrides)
-    status = train(cfg, tmp_path, collector=f"tcp://127.0.0.1:{unused_port()}")
+    status = train(cfg, tmp_path, collector=f"tcp://127.0.0.1:{free_port()}")
     assert status == "completed"
     spool = tmp_path / run_hash(cfg) / "spool" / "rank0.msgpack"
     kinds = [m["kind"] for m in msgpack.Unpacker(io.BytesIO(spool.read_bytes()), raw=False)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from net_support import free_port
 from trainer_support import (
     PRISMATIC,
     REPO,
@@ -26,12 +26,6 @@ from trainer.loop import CHECKPOINT_NAME
 
 pytestmark = pytest.mark.slow
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(runs: Path, collector: str, *overrides: str, resume: bool = False) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from net_support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -22,12 +22,6 @@ TINY = [
     "dynamics.log_freq=2",
     "train.eval_every=4",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dashboard_healthy(port: int) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import threading
 import time
@@ -17,6 +16,7 @@ import msgpack
 import pytest
 import zmq
 from collector_support import locked
+from net_support import free_port
 
 from collector.gaps import CURSOR_NAME, SpoolWatch
 from collector.replay import read_spool, replay_into, spool_path
@@ -33,15 +33,9 @@ METRICS = {
 }
 
 
-def free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def publisher(runs: Path, run: str = RUN, rank: int = 0, **kwargs) -> Publisher:
     """A publisher spooling where a trainer would: `<runs>/<run>/spool/rank<N>.msgpack`."""
-    address = kwargs.pop("address", None) or free_address()
+    address = kwargs.pop("address", None) or f"tcp://127.0.0.1:{free_port()}"
     kwargs.setdefault("linger_ms", 0)
     return Publisher(address, run, rank, spool_path=spool_path(runs / run, rank), **kwargs)
 
@@ -244,7 +238,7 @@ def test_replay_reads_only_what_the_runs_folder_has_not_stored_yet(tmp_path):
 
 
 def test_a_gap_in_live_messages_is_filled_from_the_spool(tmp_path):
-    address = free_address()
+    address = f"tcp://127.0.0.1:{free_port()}"
     pub = publisher(tmp_path, address=address, send_hwm=1, linger_ms=2000)
     send_start(pub)
     send_steps(pub, range(10))  # nobody listens: past the first queued message, all dropped
@@ -273,7 +267,7 @@ def test_a_gap_in_live_messages_is_filled_from_the_spool(tmp_path):
 
 
 def test_a_restarted_collector_reads_only_what_is_new(tmp_path):
-    address = free_address()
+    address = f"tcp://127.0.0.1:{free_port()}"
     pub = publisher(tmp_path, address=address, linger_ms=2000)
     fast_save = {"save_interval_s": 0.05}
     cursor_file = tmp_path / RUN / "spool" / CURSOR_NAME

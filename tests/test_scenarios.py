@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from net_support import free_port
 
 from collector.replay import read_spool, spool_files
 
@@ -26,12 +26,6 @@ STEPS = 2000  # ~10 s of training for the tiny model on one core: long enough to
 LOG_FREQ = 50
 LINGER_S = 1.0  # trainer/publisher.py's default: how long a closing trainer tries to send
 STALE_AFTER_S = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
