@@ -41,8 +41,8 @@ SHUTDOWN_RETRY_S = 10.0  # how long shutdown keeps retrying a flush that failed
 # this the oldest are dropped (counted): they are still in the trainers' spool files.
 MAX_UNWRITTEN_ROWS = 100_000
 # A burst's bytes, at most: 5,000 messages of the default model are about 5 MB (1,023 bytes
-# each, measured on bench/collector.py's messages); a burst of
-# messages near the 1 MiB limit stops at about 32 of them (their Python objects take ~7x).
+# each, measured on bench/collector.py's messages); a burst of messages of 512 layers x 256
+# experts (9.4 MB each) stops at 4 of them (their Python objects take several times that).
 BURST_MAX_BYTES = 32 * 1024 * 1024
 MAX_BACKLOG_FLUSHES = 4  # flushes' worth of rows buffered while the writer is busy, at most
 # ... and the wire bytes behind the rows held for the writer, at most: the default model's 8,000

@@ -90,7 +90,8 @@ class Publisher:
         self.run_hash = run_hash
         self.rank = rank
         self.sent = 0
-        self.dropped = 0
+        self.dropped = 0  # not queued: the socket's queue was full, or the message oversized
+        self.oversized = 0
         self._seq = 0
         self._own_context = context is None
         self._context = context or zmq.Context()
@@ -117,6 +118,9 @@ class Publisher:
         message.update(fields)
         self._seq += 1
         data = self._spool_and_encode(message)
+        if data is None:
+            self.dropped += 1
+            return False
         try:
             self._socket.send(data, zmq.NOBLOCK)
         except zmq.Again:
@@ -125,21 +129,42 @@ class Publisher:
         self.sent += 1
         return True
 
-    def _spool_and_encode(self, message: dict[str, Any]) -> bytes:
-        """Encode, with the message's own position in the spool when there is one, and append.
+    def _spool_and_encode(self, message: dict[str, Any]) -> bytes | None:
+        """Encode, with the message's own position in the spool when there is one, and append;
+        None for a message over the wire format's size limit (neither spooled nor sent).
 
         The spool write comes first: a message the socket drops is still on disk.
         """
         spool = self._spool
-        if spool is None or spool.closed:
-            return wire.encode(message)
-        message["spool_offset"] = spool.offset
+        if spool is not None and spool.closed:
+            spool = None
+        if spool is not None:
+            message["spool_offset"] = spool.offset
         data = wire.encode(message)
-        if not spool.append(data):
+        if len(data) > wire.MAX_MESSAGE_BYTES:
+            # The collector would only reject it, and a replay would stop at it in the spool.
+            self._refuse_oversized(message["kind"], len(data))
+            return None
+        if spool is not None and not spool.append(data):
             # The bytes never reached the spool: do not point the collector at them.
             del message["spool_offset"]
             data = wire.encode(message)
         return data
+
+    def _refuse_oversized(self, kind: str, size: int) -> None:
+        self.oversized += 1
+        if self.oversized == 1:  # once: every later message of this model is as large
+            log.warning(
+                "publisher: run %s rank %d: a %s message of %d bytes is over the wire format's "
+                "%d-byte limit; not sent (the wire format takes up to %d layers x %d experts)",
+                self.run_hash,
+                self.rank,
+                kind,
+                size,
+                wire.MAX_MESSAGE_BYTES,
+                wire.MAX_LAYERS,
+                wire.MAX_EXPERTS,
+            )
 
     def close(self) -> None:
         self._socket.close()
@@ -147,13 +172,20 @@ class Publisher:
             self._context.term()  # returns once the queue is sent, or after linger_ms
         if self._spool is not None:
             self._spool.close()
-        if self.dropped:
+        queue_full = self.dropped - self.oversized
+        if queue_full:
             log.warning(
                 "publisher: %d of %d messages dropped (collector down or slow); the collector "
                 "replays them from %s",
-                self.dropped,
+                queue_full,
                 self.sent + self.dropped,
                 self.spool_path or "nowhere (no spool)",
+            )
+        if self.oversized:
+            log.warning(
+                "publisher: %d messages over %d bytes were neither sent nor spooled",
+                self.oversized,
+                wire.MAX_MESSAGE_BYTES,
             )
 
     def __enter__(self) -> Publisher:
