@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 # journal size limit: a passive checkpoint alone can be starved by readers that never pause.
 TRUNCATE_BUSY_MS = 200
 # Readers whose transactions overlap without a break (several dashboards scanning a long run)
-# outlast a 200 ms wait every time, and the WAL grows without bound (221 MB measured, 50,000
+# outlast a 200 ms wait every time, and the WAL grows without bound (206 MB measured, 50,000
 # steps of 16 layers x 8 experts, two readers). Past this size the TRUNCATE waits as long as
-# a long scan: it holds back this run's writes meanwhile, while new readers go on.
+# a long scan: the writer (every run's inserts) waits meanwhile, while new readers go on.
 WAL_HARD_LIMIT = 8 * db.JOURNAL_SIZE_LIMIT
 FORCED_TRUNCATE_BUSY_MS = 5000
 _COUNTERS = ("messages", "rejected")
