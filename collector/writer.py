@@ -498,6 +498,9 @@ def serve(address: str, log_level: int = logging.WARNING, parent: int | None = N
         shutil.rmtree(os.path.dirname(address.removeprefix("ipc://")), ignore_errors=True)
 
 
+_BUGS_LOGGED: set[tuple[str, str]] = set()  # (run folder, exception type) with a traceback logged
+
+
 def _write(
     stores: dict[str, RunStore],
     batch_id: int,
@@ -518,7 +521,12 @@ def _write(
     except (sqlite3.Error, SchemaError) as exc:
         return ("failed", batch_id, str(exc))
     except Exception as exc:  # a bug: say so, keep the batch in the collector, keep serving
-        log.exception("batch %d of %s", batch_id, run_dir)
+        bug = (run_dir, type(exc).__name__)
+        if bug not in _BUGS_LOGGED:  # the batch comes back every flush: one traceback
+            _BUGS_LOGGED.add(bug)
+            log.exception(
+                "batch %d of %s (later failures like it are not logged)", batch_id, run_dir
+            )
         return ("failed", batch_id, f"writer error: {type(exc).__name__}: {exc}")
     index = {id(row): i for i, row in enumerate(steps)}
     return (

@@ -256,8 +256,9 @@ def _validate_run_end(raw: dict) -> dict[str, Any]:
     return {
         "status": status,
         "last_step": _int_field(raw, "last_step", -1, MAX_STEP, required=False),
-        "sent": _int_field(raw, "sent", 0, 2**63 - 1, required=False),
-        "dropped": _int_field(raw, "dropped", 0, 2**63 - 1, required=False),
+        # Bounded so that the sum over every rank stays an SQLite integer (2^40 x 4,097 < 2^63).
+        "sent": _int_field(raw, "sent", 0, MAX_COUNT, required=False),
+        "dropped": _int_field(raw, "dropped", 0, MAX_COUNT, required=False),
     }
 
 

@@ -417,6 +417,23 @@ def test_rejected_ranks_outside_the_declared_world(
     assert not (tmp_path / RUN_B).exists()  # a rejected run_start creates no run
 
 
+def test_every_rank_at_the_largest_sent_count_sums_without_overflow(
+    tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
+) -> None:
+    address = _address(request)
+    world = 4
+    collector = fast_collector(address, tmp_path, context=context)
+    with running(collector), pusher(context, address) as s:
+        for rank in range(world):
+            send(s, run_start(RUN_A, world_size=world, rank=rank))
+        for rank in range(world):
+            send(s, run_end(RUN_A, rank=rank) | {"sent": wire.MAX_COUNT, "dropped": wire.MAX_COUNT})
+        wait_for(lambda: run_row(tmp_path, RUN_A).get("status") == "completed")
+    row = run_row(tmp_path, RUN_A)
+    assert (row["sent"], row["dropped"]) == (world * wire.MAX_COUNT, world * wire.MAX_COUNT)
+    assert collector.stats.flush_errors == 0
+
+
 def test_a_run_whose_folder_was_removed_is_not_brought_back_by_going_stale(
     tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
 ) -> None:

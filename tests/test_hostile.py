@@ -83,6 +83,7 @@ def _hostile_messages() -> list[tuple[str, bytes]]:
     add("too_large", run_start(RUN_A) | {"config": {i: [i] for i in range(30_000)}})
     for step in (-1, 10**13, 2**63, 2**64 - 1):
         add("absurd_step", dynamics(RUN_A, 1) | {"step": step})
+    add("bad_field", run_end(RUN_A) | {"sent": 2**62})  # two ranks' sum would overflow SQLite
     add("bad_msgpack", b"\xde\xad\xbe\xef")
     add("not_a_map", msgpack.packb("just a string"))
     add("bad_version", dynamics(RUN_A, 1) | {"v": 99})

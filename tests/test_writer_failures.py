@@ -494,3 +494,23 @@ def test_an_inline_collector_says_it_writes_inline(tmp_path: Path) -> None:
         assert not any("writer process" in ln for ln in collector.lines)
         collector.signal(signal.SIGTERM)
         assert collector.wait(30) == 0
+
+
+def test_a_batch_the_writer_cannot_write_for_a_bug_is_logged_once_and_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch that fails for a reason other than SQLite's comes back every flush: the writer
+    says so with one traceback, not one every 100 ms, and answers "failed" each time."""
+    stores: dict = {}
+    run_dir = str(tmp_path / RUN_A)
+    unbindable = {"sent": 2**64}  # no SQLite integer holds it: OverflowError, not sqlite3.Error
+    answers = [
+        writer_module._write(stores, i, run_dir, writer_module._pack([]), unbindable, {})
+        for i in range(3)
+    ]
+    assert [a[0] for a in answers] == ["failed"] * 3
+    assert all("OverflowError" in a[2] for a in answers)
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
+    for store in stores.values():
+        store.conn.close()
