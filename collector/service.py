@@ -504,13 +504,28 @@ class Collector:
 
     def _hand_over(self) -> None:
         writer = self._writer
-        for run_hash, store in self._stores.items():
+        for run_hash, store in list(self._stores.items()):
             if run_hash in self._refused or writer.busy(run_hash):
                 continue
             self._note_messages(run_hash, store)
             batch = store.take()
-            if batch is not None:
-                writer.submit(store, batch)
+            if batch is None:
+                continue
+            if not store.path.exists():
+                store = self._reopen_removed(run_hash, store)
+            writer.submit(store, batch)
+
+    def _reopen_removed(self, run_hash: str, removed: RunStore) -> RunStore:
+        """A database deleted while open (a user removing a run, then running it again): rows
+        sent on would go into the deleted file, so the run gets a new one."""
+        log.warning(
+            "collector: run %s: %s was removed while open; writing a new one",
+            run_hash,
+            removed.path,
+        )
+        del self._stores[run_hash]
+        self._writer.close_store(removed)
+        return self._store(run_hash)
 
     def has_unwritten(self, run_hash: str) -> bool:
         """Whether some of the run's rows are buffered or being written."""

@@ -434,6 +434,35 @@ def test_every_rank_at_the_largest_sent_count_sums_without_overflow(
     assert collector.stats.flush_errors == 0
 
 
+def test_a_run_removed_while_its_database_is_open_is_written_to_a_new_one(
+    tmp_path: Path,
+    context: zmq.Context,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The user deletes a run's folder and runs the same config again (the same run hash)
+    before the collector closed the database: the new rows must not go into the deleted file."""
+    address = _address(request)
+    with running(fast_collector(address, tmp_path, context=context)), pusher(context, address) as s:
+        send(s, run_start(RUN_A))
+        for step in range(10):
+            send(s, dynamics(RUN_A, step))
+        wait_for(lambda: len(steps_in(tmp_path, RUN_A)) == 10)
+        shutil.rmtree(tmp_path / RUN_A)
+        send(s, run_start(RUN_A))
+        for step in range(100, 110):
+            send(s, dynamics(RUN_A, step))
+        send(s, run_end(RUN_A, last_step=109))
+        wait_for(
+            lambda: (
+                db_path(tmp_path, RUN_A).exists()
+                and run_row(tmp_path, RUN_A).get("status") == "completed"
+            )
+        )
+    assert steps_in(tmp_path, RUN_A) == list(range(100, 110))
+    assert any("was removed while open" in r.getMessage() for r in caplog.records)
+
+
 def test_a_run_whose_folder_was_removed_is_not_brought_back_by_going_stale(
     tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
 ) -> None:
