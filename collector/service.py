@@ -72,6 +72,7 @@ class RunState:
     status: str = "live"
     last_seen: float = field(default_factory=time.time)
     started: float | None = None
+    ended: float | None = None
     unflushed_messages: int = 0
     ends: dict[int, dict[str, Any]] = field(default_factory=dict)  # rank -> its run_end
 
@@ -337,6 +338,11 @@ class Collector:
         return (self.runs_dir / run_hash / db.DB_NAME).exists()
 
     def _on_run_start(self, state: RunState, message: dict[str, Any]) -> dict[str, Any]:
+        if state.ended is not None and message["ts"] is not None and message["ts"] <= state.ended:
+            # Sent before the run ended (a spool read again): it does not reopen the run. A
+            # resumed run's run_start is sent after its end.
+            return {}
+        state.ended = None
         state.world_size = message["world_size"]
         state.shards = message["shards"]
         state.declared = True
@@ -395,7 +401,8 @@ class Collector:
         for row in self._pending.pop_run(run_hash):
             self._add_row(run_hash, row)
         state.status = max((e["status"] for e in ends), key=_END_PRIORITY.__getitem__)
-        updates.update(status=state.status, ended=message["ts"] or time.time())
+        state.ended = message["ts"] or time.time()
+        updates.update(status=state.status, ended=state.ended)
         log.info("collector: run %s %s", run_hash, state.status)
         return updates
 
@@ -589,6 +596,7 @@ def _state_from_row(run: dict[str, Any]) -> RunState:
         status=run.get("status") or "live",
         last_seen=run.get("last_seen") or time.time(),
         started=run.get("started"),
+        ended=run.get("ended"),
     )
 
 

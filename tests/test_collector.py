@@ -264,6 +264,25 @@ def test_silent_runs_go_stale_and_run_end_sets_the_status(
     assert run_row(tmp_path, RUN_B)["ended"] is not None
 
 
+def test_a_run_start_read_again_does_not_reopen_an_ended_run_and_a_resume_does(
+    tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
+) -> None:
+    address = _address(request)
+    first = run_start(RUN_A)
+    with running(fast_collector(address, tmp_path, context=context)), pusher(context, address) as s:
+        send(s, first)
+        send(s, dynamics(RUN_A, 0))
+        send(s, run_end(RUN_A, "interrupted") | {"ts": first["ts"] + 60})
+        wait_for(lambda: run_row(tmp_path, RUN_A).get("status") == "interrupted")
+        send(s, first)  # the spool replayed (`--replay`, another collector): sent before the end
+        send(s, dynamics(RUN_A, 10))
+        wait_for(lambda: steps_in(tmp_path, RUN_A) == [0, 10])
+        assert run_row(tmp_path, RUN_A)["status"] == "interrupted"
+        send(s, run_start(RUN_A) | {"ts": first["ts"] + 120})  # resumed after the end
+        wait_for(lambda: run_row(tmp_path, RUN_A).get("status") == "live")
+        assert run_row(tmp_path, RUN_A)["ended"] is None
+
+
 def test_a_run_left_live_by_an_earlier_collector_goes_stale(
     tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
 ) -> None:
