@@ -44,7 +44,7 @@ def test_an_oversized_message_is_neither_spooled_nor_sent_and_warns_once(
     monkeypatch.setattr(wire, "MAX_MESSAGE_BYTES", 4096)  # a small limit, a small test
     spool = tmp_path / "rank0.msgpack"
     with Inbox() as inbox:
-        publisher = Publisher(inbox.address, RUN, spool_path=spool)
+        publisher = Publisher(inbox.address, RUN, spool_path=str(spool))  # a str, as in the README
         assert publisher.send("dynamics", step=0, loss=1.0, metrics=_metrics(4, 3))
         for step in (10, 20):
             assert not publisher.send("dynamics", step=step, loss=1.0, metrics=_metrics(64, 8))

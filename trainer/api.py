@@ -16,7 +16,6 @@ import platform
 import socket
 import sys
 import weakref
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,7 +95,7 @@ class DynamicsReporter:
         run_hash: str | None = None,
         rank: int = 0,
         world_size: int = 1,
-        spool_path: Path | None = None,
+        spool_path: str | os.PathLike[str] | None = None,
         publisher: Publisher | None = None,
     ) -> None:
         if publisher is None:

@@ -82,7 +82,7 @@ class Publisher:
         rank: int = 0,
         *,
         context: zmq.Context | None = None,
-        spool_path: Path | None = None,
+        spool_path: str | os.PathLike[str] | None = None,
         send_hwm: int = 10_000,
         linger_ms: int = 1000,
         curve: tuple[bytes, bytes, bytes] | None = None,
@@ -105,7 +105,7 @@ class Publisher:
             self._socket.curve_publickey = client_public
             self._socket.curve_secretkey = client_secret
         self._socket.connect(address)
-        self._spool = Spool(spool_path) if spool_path is not None else None
+        self._spool = Spool(Path(spool_path)) if spool_path is not None else None
         log.info("publisher: run %s rank %d -> %s", run_hash, rank, address)
 
     @property
