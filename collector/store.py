@@ -522,13 +522,18 @@ class RunStore:
 
 
 def _latest_per_step(steps: list[StepRow]) -> list[StepRow]:
-    """One row per step: the one with most ranks, and of those the latest."""
+    """One row per step: the one with most ranks, and of those the latest; a loss, val_loss or
+    lr it lacks is kept from the row it replaces, as the upsert keeps a stored one."""
     if len(steps) < 2:
         return steps
     best: dict[int, StepRow] = {}
     for row in steps:
         held = best.get(row.step)
         if held is None or row.ranks_reported >= held.ranks_reported:
+            if held is not None:
+                row.loss = held.loss if row.loss is None else row.loss
+                row.val_loss = held.val_loss if row.val_loss is None else row.val_loss
+                row.lr = held.lr if row.lr is None else row.lr
             best[row.step] = row
     return list(best.values()) if len(best) < len(steps) else steps
 

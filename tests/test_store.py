@@ -132,6 +132,18 @@ def test_upserts_are_idempotent_and_keep_val_loss(tmp_path: Path) -> None:
     assert _select(path, "SELECT count(*) FROM layer_dynamics") == [(24,)]
 
 
+def test_a_repeat_in_the_same_flush_keeps_the_loss_val_loss_and_lr_it_lacks(
+    tmp_path: Path,
+) -> None:
+    store = RunStore(tmp_path / RUN_A)
+    store.add_step(_row(10, loss=3.0, val_loss=2.5, lr=0.1))
+    store.add_step(_row(10, loss=None, lr=None))  # again before a flush, its loss and lr NaN
+    store.add_step(_row(10, loss=0.5, lr=None))  # and once more, with a loss
+    store.close()
+    path = tmp_path / RUN_A / db.DB_NAME
+    assert _select(path, "SELECT step, loss, val_loss, lr FROM dynamics") == [(10, 0.5, 2.5, 0.1)]
+
+
 def test_a_partial_step_never_replaces_one_with_more_ranks(tmp_path: Path) -> None:
     store = RunStore(tmp_path / RUN_A)
     store.add_step(_row(10, ranks=2, world=2, loss=1.0))
