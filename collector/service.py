@@ -30,6 +30,7 @@ from collector.ranks import PendingSteps
 from collector.store import RunStore, StepRow
 from collector.writer import WriterError, make_writer
 from prismatic import db, wire
+from prismatic.config import is_ipv6
 from prismatic.errors import ConfigError, ProtocolError, SchemaError
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ class Collector:
         # libzmq drops a peer that sends more than this; below it, decode() counts "oversized".
         sock.setsockopt(zmq.MAXMSGSIZE, 4 * wire.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, is_ipv6(self.bind))
         if self.curve is not None:
             self.curve.apply_server(sock)
         sock.bind(self.bind)

@@ -291,6 +291,12 @@ def check_address(key: str, address: str, bind: bool = False) -> str:
     return address
 
 
+def is_ipv6(address: str) -> bool:
+    """Whether a ZeroMQ address names an IPv6 host (`tcp://[::1]:5557`): libzmq then needs
+    its IPV6 option, off by default (without it, `No such device`)."""
+    return address.startswith("tcp://[")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split `train.steps=200` into ("train.steps", 200); the value is read as YAML."""
     key, sep, raw = text.partition("=")

@@ -4,6 +4,7 @@ once, message size limits, and `prismatic collect` stopping on SIGTERM/SIGINT.""
 from __future__ import annotations
 
 import signal
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -29,8 +30,10 @@ from collector_support import (
     steps_in,
     wait_for,
 )
+from net_support import free_port
 
 from prismatic import db, wire
+from trainer.publisher import Publisher
 
 
 @pytest.fixture
@@ -201,3 +204,25 @@ def test_the_first_signal_commits_once_the_database_is_free_again(
         sock.close(linger=0)
     assert code == 0, "\n".join(collector.lines)
     assert steps_in(tmp_path, RUN_A) == list(range(20))
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_an_ipv6_address_works_for_the_collector_and_the_publisher(
+    tmp_path: Path, context: zmq.Context
+) -> None:
+    address = f"tcp://[::1]:{free_port()}"
+    with running(fast_collector(address, tmp_path, context=context)) as collector:
+        assert collector.bound_address == address
+        publisher = Publisher(address, RUN_A, context=context)
+        publisher.send(wire.KIND_DYNAMICS, step=0, loss=1.0, metrics=metrics(0))
+        wait_for(lambda: steps_in(tmp_path, RUN_A) == [0])
+        publisher.close()

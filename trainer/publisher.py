@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from prismatic import wire
+from prismatic.config import is_ipv6
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Publisher:
         self._socket.setsockopt(zmq.SNDHWM, send_hwm)
         # On close, wait at most this long for queued messages: never hang on a dead collector.
         self._socket.setsockopt(zmq.LINGER, linger_ms)
+        self._socket.setsockopt(zmq.IPV6, is_ipv6(address))
         if curve is not None:
             server_public, client_public, client_secret = curve
             self._socket.curve_serverkey = server_public
