@@ -55,7 +55,7 @@ class Chores:
         try:
             action(run_hash, *args)
         except SchemaError as exc:
-            self.c.reject("bad_database", str(exc))
+            self.c.reject("bad_database", str(exc), subject=run_hash)
 
     def _mark_stale(self) -> None:
         c = self.c

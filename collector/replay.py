@@ -93,7 +93,7 @@ def replay_file(collector: Collector, path: Path, start: int = 0) -> Replayed:
             continue
         except SchemaError as exc:
             # The run's database is from a newer version: nothing in this file can be stored.
-            collector.reject("bad_database", str(exc))
+            collector.reject("bad_database", str(exc), subject=str(path))
             break
         done.accepted += 1
     return done

@@ -286,9 +286,11 @@ class Collector:
         """Validate and apply one message; False if it was rejected (and counted)."""
         self.stats.received += 1
         self._message_bytes = len(data)
+        run_hash = ""
         try:
             decoded = self._burst.take(data) if self._burst is not None else None
             message, prepared = decoded or (wire.decode(data), None)
+            run_hash = message["run"]
             if not self.spools.observe(message, data):
                 return True  # already ingested from its spool file
             self.handle(message, prepared)
@@ -296,7 +298,7 @@ class Collector:
             self.reject(exc.reason, exc.detail)
             return False
         except SchemaError as exc:
-            self.reject("bad_database", str(exc))
+            self.reject("bad_database", str(exc), subject=run_hash)
             return False
         return True
 
@@ -408,14 +410,16 @@ class Collector:
         log.info("collector: run %s %s", run_hash, state.status)
         return updates
 
-    def reject(self, reason: str, detail: str = "", count: bool = True) -> None:
+    def reject(self, reason: str, detail: str = "", count: bool = True, subject: str = "") -> None:
         """Count a rejection by reason (unless `count` is False: a warning only); warn at most
-        once per WARN_INTERVAL_S per reason."""
+        once per WARN_INTERVAL_S per reason, and per `subject` (a run whose database fails, so
+        that a second one is named too)."""
         if count:
             self.stats.rejected[reason] += 1
         now = time.monotonic()
-        if now - self._last_warning.get(reason, -1e9) >= WARN_INTERVAL_S:
-            self._last_warning[reason] = now
+        key = f"{reason} {subject}"
+        if now - self._last_warning.get(key, -1e9) >= WARN_INTERVAL_S:
+            self._last_warning[key] = now
             log.warning(
                 "collector: %s: %s [%s so far]",
                 reason,
@@ -558,7 +562,12 @@ class Collector:
     def _flush_failed(self, store: RunStore, exc: sqlite3.Error) -> None:
         self.stats.flush_errors += 1
         self._refused.add(store.run_hash)
-        self.reject("flush_failed", f"{store.path}: {exc}; rows kept for the next try", False)
+        self.reject(
+            "flush_failed",
+            f"{store.path}: {exc}; rows kept for the next try",
+            count=False,
+            subject=store.run_hash,
+        )
         excess = len(store._steps) - MAX_UNWRITTEN_ROWS
         if excess > 0:
             store.buffered_bytes -= store.buffered_bytes * excess // len(store._steps)

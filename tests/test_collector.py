@@ -328,19 +328,27 @@ def test_idle_databases_are_closed_so_many_runs_keep_file_handles_bounded(
 
 
 def test_a_run_whose_database_is_unusable_is_rejected_and_others_go_on(
-    tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
+    tmp_path: Path,
+    context: zmq.Context,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    (tmp_path / RUN_B).mkdir()
-    (tmp_path / RUN_B / db.DB_NAME).write_bytes(b"not a database at all" * 50)
+    for run in (RUN_B, RUN_C):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / db.DB_NAME).write_bytes(b"not a database at all" * 50)
     address = _address(request)
     with running(fast_collector(address, tmp_path, context=context)) as collector:
         with pusher(context, address) as s:
             for step in range(5):
                 send(s, dynamics(RUN_B, step))
+                send(s, dynamics(RUN_C, step))
                 send(s, dynamics(RUN_A, step))
             wait_for(lambda: len(steps_in(tmp_path, RUN_A)) == 5)
-            wait_for(lambda: collector.stats.rejected["bad_database"] == 5)
+            wait_for(lambda: collector.stats.rejected["bad_database"] == 10)
     assert (tmp_path / RUN_B / db.DB_NAME).read_bytes().startswith(b"not a database")
+    warned = [r.getMessage() for r in caplog.records if "bad_database" in r.getMessage()]
+    for run in (RUN_B, RUN_C):  # each refused database is named, not only the first
+        assert sum(run in line for line in warned) == 1, warned
 
 
 def test_lifecycle_logs_without_a_line_per_message(
