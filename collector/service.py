@@ -450,6 +450,8 @@ class Collector:
         if run_hash not in self._runs:
             row = store.read_run()
             self._runs[run_hash] = _state_from_row(row) if row else RunState()
+            if not row:  # a new run: live from its first message, run_start or not
+                store.update_run(status="live")
         return store
 
     def _close_least_used(self) -> None:
@@ -538,7 +540,9 @@ class Collector:
         )
         del self._stores[run_hash]
         self._writer.close_store(removed)
-        return self._store(run_hash)
+        store = self._store(run_hash)
+        store.update_run(status=self._runs[run_hash].status)
+        return store
 
     def has_unwritten(self, run_hash: str) -> bool:
         """Whether some of the run's rows are buffered or being written."""

@@ -425,6 +425,7 @@ def test_the_design_notes_nested_dict_is_stored_under_its_column_names(
     assert stored["expert_1_bottom_norm"] == 0.4
     assert stored["expert_1_divergence"] == 0.07
     assert stored["expert_0_bottom_norm"] == 0.1
+    assert run_row(tmp_path, RUN_A)["status"] == "live"  # live without a run_start too
 
 
 def test_rejected_ranks_outside_the_declared_world(
