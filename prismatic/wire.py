@@ -427,18 +427,26 @@ def _from_design_note(raw: dict) -> dict[str, list[list[Any]]]:
             name = _NOTE_METRIC_ALIASES.get(metric, metric) if type(metric) is str else metric
             if type(name) is not str or name not in _METRIC_SET:
                 raise ProtocolError("unknown_metric", repr(metric)[:40])
-            per_expert.setdefault(index, {})[name] = value
+            _note_set(per_expert.setdefault(index, {}), index, name, value)
     for key, value in divergences.items():
         match = _NOTE_DIVERGENCE_RE.match(key) if type(key) is str else None
         index = int(match.group(1)) if match else _note_expert_index(key)
         if index >= MAX_EXPERTS:
             raise ProtocolError("bad_shape", f"expert {index} >= {MAX_EXPERTS}")
-        per_expert.setdefault(index, {})["divergence"] = value
+        _note_set(per_expert.setdefault(index, {}), index, "divergence", value)
     if not per_expert:
         raise ProtocolError("bad_field", "expert_gradients is empty")
     n_experts = max(per_expert) + 1
     names = sorted({name for values in per_expert.values() for name in values})
     return {name: [[per_expert.get(i, {}).get(name) for i in range(n_experts)]] for name in names}
+
+
+def _note_set(expert: dict[str, Any], index: int, name: str, value: Any) -> None:
+    """One value of the nested form; the same one twice (`expert_1` and `1`, or `norm` and
+    `perturbed_norm`) is refused rather than one of them silently kept."""
+    if name in expert:
+        raise ProtocolError("bad_field", f"expert {index}: {name} given twice")
+    expert[name] = value
 
 
 def _note_expert_index(key: Any) -> int:

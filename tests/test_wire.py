@@ -60,6 +60,25 @@ def test_design_note_nested_dict_is_accepted_as_one_layer() -> None:
     assert decoded["divergence"] == [[None, 0.07]]
 
 
+@pytest.mark.parametrize(
+    "gradients, divergences",
+    [
+        ({"expert_1": {"top_norm": 1.0}, 1: {"top_norm": 2.0}}, {}),
+        ({"expert_1": {"norm": 1.0, "perturbed_norm": 2.0}}, {}),
+        ({"expert_1": {"divergence": 0.1}}, {"expert_1_divergence": 0.2}),
+    ],
+    ids=["expert-key-twice", "norm-and-its-alias", "divergence-twice"],
+)
+def test_a_value_given_twice_in_the_design_note_form_is_refused(gradients, divergences) -> None:
+    message = dynamics(RUN_A, 10)
+    del message["metrics"]
+    message["expert_gradients"] = gradients
+    message["divergence_scores"] = divergences
+    with pytest.raises(ProtocolError) as caught:
+        wire.decode(wire.encode(message))
+    assert caught.value.reason == "bad_field" and "given twice" in caught.value.detail
+
+
 def test_nan_and_inf_become_none_and_are_counted() -> None:
     message = dynamics(RUN_A, 10, loss=math.nan, lr=math.inf)
     message["metrics"]["top_norm"][0][1] = math.nan
