@@ -240,21 +240,26 @@ def test_run_table_rejects_unknown_columns(tmp_path: Path) -> None:
     store.close()
 
 
-def test_the_wal_comes_back_under_its_limit_once_a_slow_reader_moves_on(tmp_path: Path) -> None:
-    store = RunStore(tmp_path / RUN_A)
-    template = _row(0)
+def _wal_past_its_limit(store: RunStore) -> tuple[sqlite3.Connection, int]:
+    """A slow dashboard query holds one snapshot while the collector writes a lot: the reader,
+    still in its transaction, and the next step to write."""
     reader = db.connect_reader(store.path)
     reader.isolation_level = None
-
-    # A slow dashboard query holds one snapshot while the collector writes a lot.
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM dynamics").fetchone()
-    step = 0
+    template, step = _row(0), 0
     while store.wal_bytes <= db.JOURNAL_SIZE_LIMIT:
         for _ in range(500):
             store.add_step(replace(template, step=step))
             step += 1
         store.flush()
+    return reader, step
+
+
+def test_the_wal_comes_back_under_its_limit_once_a_slow_reader_moves_on(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / RUN_A)
+    template = _row(0)
+    reader, step = _wal_past_its_limit(store)
     store.checkpoint()  # cannot fold back what the reader still sees
     assert store.wal_bytes > db.JOURNAL_SIZE_LIMIT
 
@@ -280,17 +285,7 @@ def test_past_the_hard_limit_the_checkpoint_waits_for_a_long_read_to_end(
     """Readers that overlap without a pause outlast the short wait every time; past the hard
     limit the checkpoint waits for a read as long as a long scan, and empties the WAL."""
     store = RunStore(tmp_path / RUN_A)
-    template = _row(0)
-    reader = db.connect_reader(store.path)
-    reader.isolation_level = None
-    reader.execute("BEGIN")
-    reader.execute("SELECT count(*) FROM dynamics").fetchone()
-    step = 0
-    while store.wal_bytes <= db.JOURNAL_SIZE_LIMIT:
-        for _ in range(500):
-            store.add_step(replace(template, step=step))
-            step += 1
-        store.flush()
+    reader, _ = _wal_past_its_limit(store)
 
     # Under the hard limit: a 200 ms wait, and the read still going on keeps the WAL.
     store.checkpoint()
