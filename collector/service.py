@@ -527,7 +527,12 @@ class Collector:
             if batch is None:
                 continue
             if not store.path.exists():
-                store = self._reopen_removed(run_hash, store)
+                try:
+                    store = self._reopen_removed(run_hash, store)
+                except SchemaError as exc:  # no new file either: keep the rows, try again
+                    store.restore(batch)
+                    self.reject("bad_database", str(exc), subject=run_hash)
+                    continue
             writer.submit(store, batch)
 
     def _reopen_removed(self, run_hash: str, removed: RunStore) -> RunStore:
@@ -539,8 +544,12 @@ class Collector:
             removed.path,
         )
         del self._stores[run_hash]
+        try:
+            store = self._store(run_hash)
+        except SchemaError:
+            self._stores[run_hash] = removed
+            raise
         self._writer.close_store(removed)
-        store = self._store(run_hash)
         store.update_run(status=self._runs[run_hash].status)
         return store
 

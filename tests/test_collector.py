@@ -491,6 +491,29 @@ def test_a_run_removed_while_its_database_is_open_is_written_to_a_new_one(
     assert any("was removed while open" in r.getMessage() for r in caplog.records)
 
 
+def test_a_removed_database_that_cannot_be_made_again_is_refused_and_others_go_on(
+    tmp_path: Path,
+    context: zmq.Context,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    address = _address(request)
+    collector = fast_collector(address, tmp_path, context=context)
+    # Step 10 of RUN_A can go nowhere: shutdown says so (exit 1 for `prismatic collect`).
+    with pytest.raises(AssertionError, match="could not commit everything"):
+        with running(collector), pusher(context, address) as s:
+            send(s, dynamics(RUN_A, 0))
+            wait_for(lambda: steps_in(tmp_path, RUN_A) == [0])
+            shutil.rmtree(tmp_path / RUN_A)
+            (tmp_path / RUN_A).write_text("a file where the run folder was")
+            send(s, dynamics(RUN_A, 10))
+            wait_for(lambda: collector.stats.rejected["bad_database"] >= 1)
+            send(s, dynamics(RUN_B, 0))
+            wait_for(lambda: steps_in(tmp_path, RUN_B) == [0])  # the loop goes on
+    # Kept until the end, not lost silently into the deleted file.
+    assert any("could not commit 1 rows" in r.getMessage() for r in caplog.records)
+
+
 def test_a_run_whose_folder_was_removed_is_not_brought_back_by_going_stale(
     tmp_path: Path, context: zmq.Context, request: pytest.FixtureRequest
 ) -> None:
